@@ -1,0 +1,23 @@
+# The README's commands. Each target makes the virtualenv it needs on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: run test mailsink clean
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: $(BIN)/.installed  ## serve the API on 127.0.0.1:8000 (SQLite in data/)
+	$(BIN)/gunicorn personapi:app
+
+test: $(BIN)/.installed  ## the whole test suite
+	$(BIN)/pytest -q tests
+
+mailsink: $(BIN)/.installed  ## print every mail sent to localhost:1025
+	$(BIN)/python -m aiosmtpd -n -l localhost:1025
+
+clean:
+	rm -rf $(VENV) data .pytest_cache

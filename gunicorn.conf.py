@@ -1,0 +1,54 @@
+"""gunicorn settings for `gunicorn personapi:app` (read from the working directory).
+
+Command-line flags and GUNICORN_CMD_ARGS override any of these.
+"""
+
+import multiprocessing
+import sys
+
+from config import Config
+
+wsgi_app = 'personapi:app'
+bind = '127.0.0.1:8000'
+workers = Config.from_env().web_concurrency or min(2 * multiprocessing.cpu_count(), 8)
+worker_class = 'gthread'
+threads = 4
+keepalive = 5
+timeout = 30
+graceful_timeout = 20
+
+# No control socket: two instances on one machine would fight over its one default
+# path, and a read-only root filesystem cannot hold it.
+control_socket_disable = True
+
+# Bounds on what a client may send before the app sees it.
+limit_request_line = 4094
+limit_request_fields = 50
+limit_request_field_size = 8190
+
+# Access log: method, path (no query string), status, duration, request id; never a body.
+accesslog = '-'
+access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(M)sms rid=%({x-request-id}o)s'
+
+
+def on_starting(server):
+    """Create the schema in the master, once, before any worker exists."""
+    import models
+    from config import Config
+
+    models.connect(Config.from_env().database_url)
+    models.create_schema()
+
+
+def post_worker_init(worker):
+    """Start this worker's mail courier: after the fork, so its connection is its own."""
+    import personapi
+
+    personapi.courier.start()
+
+
+def worker_exit(server, worker):
+    """Let the courier finish the mail in hand on a graceful stop."""
+    personapi = sys.modules.get('personapi')
+    if personapi is not None and 'courier' in vars(personapi):
+        personapi.courier.stop()

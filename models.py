@@ -1,0 +1,162 @@
+"""Storage: the Person and Outbox models, bound at start-up to DATABASE_URL.
+
+`python models.py init` creates the schema by hand; gunicorn's master does it before forking.
+"""
+
+import contextlib
+import os
+import sys
+import time
+
+import peewee
+from playhouse import db_url
+
+db = peewee.DatabaseProxy()
+
+# WAL lets readers run beside the writer; FULL makes every commit survive a power cut;
+# IMMEDIATE takes the write lock at BEGIN, so two writers queue on the busy timeout
+# instead of deadlocking and failing with "database is locked".
+SQLITE_OPTIONS = {
+    'pragmas': {'journal_mode': 'wal', 'synchronous': 'full', 'foreign_keys': 1},
+    'timeout': 15,
+    'lock_type': 'IMMEDIATE',
+}
+# A dead server must fail a request quickly, not hang it.
+SERVER_OPTIONS = {
+    'postgres': {'connect_timeout': 5},
+    'mysql': {'connect_timeout': 5, 'read_timeout': 15, 'write_timeout': 15},
+}
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = db
+
+
+class Person(BaseModel):
+    first_name = peewee.CharField(max_length=100)
+    last_name = peewee.CharField(max_length=100)
+    email = peewee.CharField(max_length=254)
+    # The address lower-cased: its unique index makes uniqueness case-insensitive on
+    # every engine, enforced by the database itself.
+    email_key = peewee.CharField(max_length=254, unique=True)
+
+
+class Outbox(BaseModel):
+    """One welcome mail waiting to be sent; written in the same transaction as its person."""
+
+    PENDING, SENT, FAILED = 'pending', 'sent', 'failed'
+
+    recipient = peewee.CharField(max_length=254)
+    first_name = peewee.CharField(max_length=100)
+    last_name = peewee.CharField(max_length=100)
+    status = peewee.CharField(max_length=8, default=PENDING)
+    # When the row may next be claimed: a claim moves it forward by the lease, so a
+    # sender that dies mid-send gives the row back when the lease runs out.
+    due_at = peewee.DoubleField(default=time.time)
+    attempts = peewee.IntegerField(default=0)
+    claim = peewee.CharField(max_length=32, default='')
+    last_error = peewee.CharField(max_length=200, default='')
+
+    class Meta:
+        indexes = ((('status', 'due_at'), False),)
+
+    @classmethod
+    def claim_due(cls, claim, *, now, lease, limit):
+        """Lease up to `limit` due rows to `claim`: one conditional UPDATE, so two senders
+        racing for a row cannot both win it, on any engine."""
+        due = [row_id for (row_id,) in cls.select(cls.id).where(
+            cls.status == cls.PENDING, cls.due_at <= now).order_by(cls.due_at).limit(limit).tuples()]
+        if not due:
+            return []
+        cls.update(claim=claim, due_at=now + lease, attempts=cls.attempts + 1).where(
+            cls.id.in_(due), cls.status == cls.PENDING, cls.due_at <= now).execute()
+        return list(cls.select().where(cls.id.in_(due), cls.claim == claim).order_by(cls.id))
+
+    @classmethod
+    def next_due_at(cls):
+        return cls.select(peewee.fn.MIN(cls.due_at)).where(cls.status == cls.PENDING).scalar()
+
+    @classmethod
+    def mark_sent(cls, row_id):
+        cls.update(status=cls.SENT, claim='').where(cls.id == row_id).execute()
+
+    @classmethod
+    def mark_failed(cls, row_id, error):
+        cls.update(status=cls.FAILED, claim='', last_error=error[:200]).where(
+            cls.id == row_id).execute()
+
+    @classmethod
+    def reschedule(cls, row_id, due_at, error):
+        cls.update(due_at=due_at, claim='', last_error=error[:200]).where(
+            cls.id == row_id).execute()
+
+    @classmethod
+    def release(cls, claim, row_ids):
+        """Hand back claimed rows that were not tried (the sender is stopping)."""
+        if row_ids:
+            cls.update(due_at=time.time(), claim='').where(
+                cls.id.in_(row_ids), cls.claim == claim).execute()
+
+
+MODELS = [Person, Outbox]
+
+
+def connect(url):
+    """Bind the models to the database at `url`; no connection is opened yet."""
+    scheme = url.split(':', 1)[0].split('+', 1)[0]
+    if scheme == 'sqlite':
+        options = SQLITE_OPTIONS
+        path = db_url.parse(url)['database']
+        if path != ':memory:':
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    else:
+        options = SERVER_OPTIONS.get(scheme.replace('postgresql', 'postgres'), {})
+    # Options spelled out in the URL's query string win over these defaults.
+    in_url = db_url.parse(url)
+    database = db_url.connect(url, **{k: v for k, v in options.items() if k not in in_url})
+    db.initialize(database)
+    return database
+
+
+def is_sqlite():
+    return isinstance(db.obj, peewee.SqliteDatabase)
+
+
+def create_schema():
+    """Create the tables if missing: idempotent, and safe when replicas start together."""
+    with db.connection_context():
+        with _schema_lock():
+            db.create_tables(MODELS, safe=True)
+
+
+@contextlib.contextmanager
+def _schema_lock():
+    """Serialise schema creation across processes: DDL is not atomic on every engine."""
+    if isinstance(db.obj, peewee.PostgresqlDatabase):
+        lock, unlock = 'SELECT pg_advisory_lock(7421001)', 'SELECT pg_advisory_unlock(7421001)'
+    elif isinstance(db.obj, peewee.MySQLDatabase):
+        lock, unlock = "SELECT GET_LOCK('personapi_schema', 60)", "SELECT RELEASE_LOCK('personapi_schema')"
+    else:
+        with db.atomic():  # SQLite: BEGIN IMMEDIATE already admits one writer at a time
+            yield
+        return
+    db.execute_sql(lock)
+    try:
+        yield
+    finally:
+        db.execute_sql(unlock)
+
+
+def main(argv):
+    if argv[1:] != ['init']:
+        sys.exit('usage: python models.py init')
+    from config import Config
+
+    connect(Config.from_env().database_url)
+    create_schema()
+    print('schema ready')
+
+
+if __name__ == '__main__':
+    main(sys.argv)
