@@ -98,7 +98,6 @@ def clean_email(value):
     """The address with its domain lower-cased, as email-validator normalises it."""
     if not isinstance(value, str):
         raise _invalid('email', 'must be a string')
-    value = value.strip()
     if len(value) > MAX_EMAIL_LENGTH:
         raise _invalid('email', f'must be at most {MAX_EMAIL_LENGTH} characters long')
     try:
@@ -136,7 +135,7 @@ def clean_person(body, *, person_id=None, partial=False):
         else:
             fields[field] = CLEANERS[field](body[field])
     if 'email' in fields:
-        fields['email_key'] = fields['email'].lower()
+        fields['email_key'] = models.email_key(fields['email'])
     return fields
 
 
