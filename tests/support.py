@@ -47,6 +47,7 @@ class SmtpSink:
         self.delay = 0.0
         self._lock = threading.Lock()
         self.port = port or free_port()
+        controller_options.setdefault('enable_SMTPUTF8', True)  # as real servers do
         self._controller = Controller(self, hostname='127.0.0.1', port=self.port,
                                       **controller_options)
 
