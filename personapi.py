@@ -431,7 +431,10 @@ def _error_responses(*statuses):
 
 
 def openapi_document():
-    name = {'type': 'string', 'minLength': 1, 'maxLength': MAX_NAME_LENGTH}
+    allowed = r'[^\u0000-\u001f\u007f-\u009f\u2028\u2029]'
+    name = {'type': 'string', 'minLength': 1, 'maxLength': MAX_NAME_LENGTH,
+            'pattern': f'^{allowed}*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]{allowed}*$',
+            'description': 'Trimmed; no control characters.'}
     email = {'type': 'string', 'format': 'email', 'maxLength': MAX_EMAIL_LENGTH}
     person_input = {'type': 'object', 'additionalProperties': False,
                     'properties': {'first_name': name, 'last_name': name, 'email': email}}
@@ -454,6 +457,7 @@ def openapi_document():
                 'responses': {'200': ok('The person', '#/components/schemas/PersonEmail'),
                               **_error_responses(401, 404, 503)}},
         'put': {'summary': 'Replace a person', 'operationId': 'replacePerson',
+                'description': 'The body may also repeat the path\'s id as "id".',
                 'requestBody': body('#/components/schemas/PersonReplace', JSON),
                 'responses': {'200': ok('The person as stored', '#/components/schemas/Person'),
                               **_error_responses(404, 409, *writes)}},
@@ -491,10 +495,8 @@ def openapi_document():
             'schemas': {
                 'PersonCreate': {**person_input,
                                  'required': list(PERSON_FIELDS)},
-                'PersonReplace': {**person_input, 'required': list(PERSON_FIELDS),
-                                  'properties': {**person_input['properties'], 'id': person_id}},
-                'PersonPatch': {**person_input,
-                                'properties': {**person_input['properties'], 'id': person_id}},
+                'PersonReplace': {**person_input, 'required': list(PERSON_FIELDS)},
+                'PersonPatch': person_input,
                 'Person': {'type': 'object', 'additionalProperties': False,
                            'required': ['id', *PERSON_FIELDS],
                            'properties': {'id': person_id, 'first_name': name,
