@@ -140,6 +140,7 @@ class Courier:
         while not self._stopping.is_set():
             self._wake.clear()
             try:
+                models.skip_fsync_on_this_connection()
                 while self.deliver_due() == BATCH_SIZE and not self._stopping.is_set():
                     pass
                 pause = self._seconds_until_due()
