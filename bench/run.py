@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import resource
 import runpy
 import shlex
 import shutil
@@ -148,6 +149,21 @@ def workers_of(master_pid):
     return pids
 
 
+def cpu_seconds(pids):
+    """User and system CPU time the processes have used so far."""
+    ticks = 0
+    for pid in pids:
+        fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])  # utime and stime, fields 14 and 15
+    return ticks / os.sysconf('SC_CLK_TCK')
+
+
+def machine_busy_seconds():
+    """CPU time all processes of the machine have used so far (/proc/stat, minus idle)."""
+    user, nice, system, idle, iowait, *rest = map(int, open('/proc/stat').readline().split()[1:])
+    return (user + nice + system + sum(rest[:3])) / os.sysconf('SC_CLK_TCK')
+
+
 def rss_mb(pid):
     for line in Path(f'/proc/{pid}/status').read_text().splitlines():
         if line.startswith('VmRSS:'):
@@ -220,6 +236,12 @@ def persons_created(database):
     return scalar(database, 'SELECT count(*) FROM person') - SEED_PERSONS
 
 
+def wrk_seconds():
+    """CPU time of the finished wrk runs (this process's waited-for children)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def wait_for_mail(sink, database, seconds):
     """Seconds until the sink holds a mail per person created, or None past `seconds`."""
     start = time.monotonic()
@@ -236,8 +258,16 @@ def measure(app, scenario, template, sink, args, label):
     sink.reset(scenario.smtp_delay)
     with serve(app, database, sink.port, args.gunicorn_args, label) as server:
         wrk(server, scenario, args.warmup, f'{label}w')
+        workers = workers_of(server.process.pid)
+        ours = [*workers, server.process.pid, os.getpid()]  # the sink runs in this process
+        before = cpu_seconds(workers), cpu_seconds(ours), machine_busy_seconds(), wrk_seconds()
         run = wrk(server, scenario, args.seconds, label)
-        run['rss_mb'] = max(rss_mb(pid) for pid in workers_of(server.process.pid))
+        after = cpu_seconds(workers), cpu_seconds(ours), machine_busy_seconds(), wrk_seconds()
+        served, ours_, busy, load = (end - start for start, end in zip(before, after))
+        run['cpu_ms'] = 1000 * served / max(run['requests'], 1)
+        # What other programs took from the cores meanwhile: the noise these figures carry.
+        run['others_pct'] = 100 * max(0.0, busy - ours_ - load) / args.seconds / os.cpu_count()
+        run['rss_mb'] = max(rss_mb(pid) for pid in workers)
         if scenario.mode == 'post':
             run['mails_at_end'] = len(sink.recipients)
             if app.mails:
@@ -256,7 +286,9 @@ def summarise(runs):
     """The mean of the rounds' figures, the worst of the errors and memory."""
     ms = lambda key: statistics.mean(run[key] for run in runs) / 1000  # noqa: E731
     row = {'rps': statistics.mean(run['rps'] for run in runs), 'p50': ms('p50_us'),
-           'p99': ms('p99_us'), 'non2xx': sum(run['status_errors'] for run in runs),
+           'p99': ms('p99_us'), 'cpu': statistics.mean(run['cpu_ms'] for run in runs),
+           'others': statistics.mean(run['others_pct'] for run in runs),
+           'non2xx': sum(run['status_errors'] for run in runs),
            'socket': sum(run['socket_errors'] for run in runs),
            'locked': sum(run['locked'] for run in runs),
            'rss': max(run['rss_mb'] for run in runs)}
@@ -271,9 +303,9 @@ def summarise(runs):
 
 def table(results):
     lines = ['| scenario | app | req/s | ratio to ceiling (per round) | p50 ms | p99 ms '
-             '| non-2xx | socket errors | "locked" | mails / persons created '
-             '| max RSS per worker MB |',
-             '|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|']
+             '| workers\' CPU ms per request | non-2xx | socket errors | "locked" '
+             '| mails / persons created | max RSS per worker MB | other programs\' CPU % |',
+             '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|']
     for scenario, rows, ratios in results:
         for name, row in rows.items():
             ratio = (f'**{statistics.mean(ratios):.2f}** '
@@ -285,8 +317,9 @@ def table(results):
                 mail = (f'{row["mails"]} / {row["created"]} ({row["mails_at_end"]} when the '
                         f'load ended; {drain})')
             lines.append(f'| {scenario.title} | {name} | {row["rps"]:.0f} | {ratio} '
-                         f'| {row["p50"]:.1f} | {row["p99"]:.1f} | {row["non2xx"]} '
-                         f'| {row["socket"]} | {row["locked"]} | {mail} | {row["rss"]:.0f} |')
+                         f'| {row["p50"]:.1f} | {row["p99"]:.1f} | {row["cpu"]:.2f} | {row["non2xx"]} '
+                         f'| {row["socket"]} | {row["locked"]} | {mail} | {row["rss"]:.0f} '
+                         f'| {row["others"]:.0f} |')
     return lines
 
 
