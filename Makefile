@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test mailsink clean
+.PHONY: run test fuzz mailsink clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,13 @@ run: $(BIN)/.installed  ## serve the API on 127.0.0.1:8000 (SQLite in data/)
 
 test: $(BIN)/.installed  ## the whole test suite
 	$(BIN)/pytest -q tests
+
+$(BIN)/.installed-fuzz: $(BIN)/.installed requirements-fuzz.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-fuzz.txt
+	touch $@
+
+fuzz: $(BIN)/.installed-fuzz  ## schemathesis against the service's own OpenAPI document
+	cd tests && ../$(BIN)/python fuzz.py
 
 mailsink: $(BIN)/.installed  ## print every mail sent to localhost:1025
 	$(BIN)/python -m aiosmtpd -n -l localhost:1025

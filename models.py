@@ -4,6 +4,7 @@
 """
 
 import contextlib
+import hashlib
 import os
 import sys
 import time
@@ -37,9 +38,9 @@ class Person(BaseModel):
     first_name = peewee.CharField(max_length=100)
     last_name = peewee.CharField(max_length=100)
     email = peewee.CharField(max_length=254)
-    # The address lower-cased: its unique index makes uniqueness case-insensitive on
-    # every engine, enforced by the database itself.
-    email_key = peewee.CharField(max_length=254, unique=True)
+    # See email_key(): its unique index makes the database itself refuse a second person
+    # with the same address in another case.
+    email_key = peewee.FixedCharField(max_length=64, unique=True)
 
 
 class Outbox(BaseModel):
@@ -100,6 +101,12 @@ class Outbox(BaseModel):
 
 
 MODELS = [Person, Outbox]
+
+
+def email_key(email):
+    """The address lower-cased and hashed: equal exactly when the addresses are equal but
+    for case, on every engine (MySQL's default collation would also equate 'é' and 'e')."""
+    return hashlib.sha256(email.lower().encode()).hexdigest()
 
 
 def connect(url):

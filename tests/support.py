@@ -1,0 +1,134 @@
+"""Real collaborators for the tests: an SMTP sink and a gunicorn service on loopback."""
+
+import email
+import email.policy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from aiosmtpd.controller import Controller
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout=10.0, interval=0.05):
+    """Poll `predicate` until it is true; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
+
+
+class SmtpSink:
+    """An aiosmtpd server that keeps every message it accepts.
+
+    `reply` replaces the answer to DATA (e.g. '550 rejected'); `delay` holds each DATA.
+    """
+
+    def __init__(self, port=None, **controller_options):
+        self.messages = []
+        self.reply = None
+        self.delay = 0.0
+        self._lock = threading.Lock()
+        self.port = port or free_port()
+        controller_options.setdefault('enable_SMTPUTF8', True)  # as real servers do
+        self._controller = Controller(self, hostname='127.0.0.1', port=self.port,
+                                      **controller_options)
+
+    async def handle_DATA(self, server, session, envelope):
+        if self.delay:
+            time.sleep(self.delay)
+        if self.reply:
+            return self.reply
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        with self._lock:
+            self.messages.append((envelope.rcpt_tos, message))
+        return '250 OK'
+
+    def start(self):
+        self._controller.start()
+        return self
+
+    def stop(self):
+        self._controller.stop()
+
+    def received(self):
+        with self._lock:
+            return list(self.messages)
+
+    def wait_for(self, count, timeout=10.0):
+        return len(wait_until(lambda: len(self.received()) >= count and self.received(),
+                              timeout) or [])
+
+
+def http(method, url, body=None, headers=None, timeout=10.0):
+    """One request; returns (status, headers, parsed JSON body or None)."""
+    data = json.dumps(body).encode() if body is not None else None
+    headers = {'Content-Type': 'application/json', **(headers or {})}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, reply_headers, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        status, reply_headers, raw = error.code, error.headers, error.read()
+    return status, reply_headers, json.loads(raw) if raw else None
+
+
+class Service:
+    """`gunicorn personapi:app` with the project's gunicorn.conf.py, in its own process group."""
+
+    def __init__(self, env, workers=2, log_path=None):
+        self.port = free_port()
+        self.url = f'http://127.0.0.1:{self.port}'
+        self.env = {**os.environ, 'WEB_CONCURRENCY': str(workers), **env}
+        self.log_path = log_path
+        self.process = None
+
+    def start(self, timeout=20.0):
+        log = open(self.log_path, 'ab') if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [sys.executable, '-m', 'gunicorn', '--bind', f'127.0.0.1:{self.port}'],
+            cwd=ROOT, env=self.env, stdout=log, stderr=log, start_new_session=True)
+        if not wait_until(self._healthy, timeout):
+            self.kill()
+            raise RuntimeError(f'gunicorn did not become healthy on port {self.port}')
+        return self
+
+    def _healthy(self):
+        if self.process.poll() is not None:
+            raise RuntimeError(f'gunicorn exited with {self.process.returncode}')
+        try:
+            return http('GET', f'{self.url}/readyz', timeout=1)[0] == 200
+        except OSError:
+            return False
+
+    def stop(self, timeout=30.0):
+        """Graceful: SIGTERM to the master, as an orchestrator does."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout)
+
+    def kill(self):
+        """kill -9 of the whole process group: master and every worker at once."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def request(self, method, path, body=None, **options):
+        return http(method, self.url + path, body, **options)

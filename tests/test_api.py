@@ -1,0 +1,318 @@
+"""The HTTP contract, in-process through WebTest: every route and every error row."""
+
+import json
+
+import pytest
+
+from models import Outbox, Person
+
+ADA = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
+GRACE = {'first_name': 'Grace', 'last_name': 'Hopper', 'email': 'grace@example.com'}
+
+
+def post(client, body, status=201, **options):
+    return client.post_json('/person', body, status=status, **options)
+
+
+def send(client, method, path, raw, content_type='application/json', status='*'):
+    """A request with a raw body, for what post_json cannot express."""
+    return client.request(path, method=method, body=raw, status=status,
+                          headers={'Content-Type': content_type} if content_type else {})
+
+
+def snapshot():
+    return (sorted(Person.select().tuples()), Outbox.select().count())
+
+
+# --- Success paths --------------------------------------------------------------------------
+
+def test_post_creates_a_person_and_queues_one_welcome_mail(client):
+    response = post(client, ADA)
+    person_id = response.json['id']
+    assert response.json == {'id': person_id, **ADA}
+    assert response.headers['Location'].endswith(f'/person/{person_id}')
+    assert [(row.recipient, row.first_name, row.last_name) for row in Outbox.select()] == [
+        ('ada@example.com', 'Ada', 'Lovelace')]
+
+
+def test_post_accepts_the_collection_path_with_a_trailing_slash(client):
+    assert client.post_json('/person/', ADA, status=201).json['email'] == ADA['email']
+
+
+def test_get_returns_only_id_and_email(client):
+    person_id = post(client, ADA).json['id']
+    assert client.get(f'/person/{person_id}').json == {'id': person_id, 'email': ADA['email']}
+
+
+def test_put_replaces_every_field(client):
+    person_id = post(client, ADA).json['id']
+    response = client.put_json(f'/person/{person_id}', GRACE)
+    assert response.json == {'id': person_id, **GRACE}
+    assert client.get(f'/person/{person_id}').json['email'] == GRACE['email']
+
+
+def test_put_accepts_the_path_id_in_the_body(client):
+    person_id = post(client, ADA).json['id']
+    assert client.put_json(f'/person/{person_id}', {'id': person_id, **GRACE}).json['id'] == person_id
+
+
+def test_put_may_keep_the_persons_own_email_in_another_case(client):
+    person_id = post(client, ADA).json['id']
+    changed = {**ADA, 'email': 'ADA@example.com'}
+    assert client.put_json(f'/person/{person_id}', changed).json['email'] == 'ADA@example.com'
+
+
+@pytest.mark.parametrize('patch, expected', [
+    ({}, ADA),
+    ({'first_name': 'Augusta'}, {**ADA, 'first_name': 'Augusta'}),
+    ({'email': 'countess@example.com', 'last_name': 'King'},
+     {**ADA, 'email': 'countess@example.com', 'last_name': 'King'}),
+])
+def test_patch_merges_the_given_fields(client, patch, expected):
+    person_id = post(client, ADA).json['id']
+    response = client.patch_json(f'/person/{person_id}', patch)
+    assert response.json == {'id': person_id, **expected}
+    assert Person.get_by_id(person_id).first_name == expected['first_name']
+
+
+def test_patch_accepts_the_merge_patch_media_type(client):
+    person_id = post(client, ADA).json['id']
+    response = send(client, 'PATCH', f'/person/{person_id}', b'{"last_name": "Byron"}',
+                    content_type='application/merge-patch+json', status=200)
+    assert response.json['last_name'] == 'Byron'
+
+
+def test_put_and_patch_send_no_mail(client):
+    person_id = post(client, ADA).json['id']
+    client.put_json(f'/person/{person_id}', GRACE)
+    client.patch_json(f'/person/{person_id}', {'first_name': 'Amazing'})
+    assert Outbox.select().count() == 1
+
+
+def test_delete_removes_the_person(client):
+    person_id = post(client, ADA).json['id']
+    response = client.delete(f'/person/{person_id}', status=204)
+    assert response.body == b''
+    client.get(f'/person/{person_id}', status=404)
+    client.delete(f'/person/{person_id}', status=404)
+
+
+def test_a_deleted_persons_email_can_register_again(client):
+    client.delete(f'/person/{post(client, ADA).json["id"]}', status=204)
+    post(client, ADA)
+
+
+@pytest.mark.parametrize('name', ['José', '李', "O'Brien", 'Anne-Marie', 'Zoë', 'Ōkubo Toshimichi',
+                                  'Ünal 😀', 'x' * 100])
+def test_names_in_any_script_are_welcome(client, name):
+    response = post(client, {**ADA, 'first_name': name, 'last_name': name})
+    assert (response.json['first_name'], response.json['last_name']) == (name, name)
+
+
+def test_names_are_trimmed_and_the_email_domain_lower_cased(client):
+    response = post(client, {'first_name': '  Ada ', 'last_name': ' Lovelace',
+                             'email': 'Ada.King@Example.ORG'})
+    assert response.json == {'id': response.json['id'], 'first_name': 'Ada',
+                             'last_name': 'Lovelace', 'email': 'Ada.King@example.org'}
+
+
+def test_health_and_readiness(client):
+    assert client.get('/healthz').json == {'status': 'ok'}
+    assert client.get('/readyz').json == {'status': 'ready'}
+
+
+def test_openapi_documents_every_route_and_its_errors(client):
+    document = client.get('/openapi.json').json
+    assert document['openapi'].startswith('3.')
+    paths = document['paths']
+    assert set(paths) == {'/person', '/person/{person_id}', '/healthz', '/readyz', '/openapi.json'}
+    assert set(paths['/person/{person_id}']) >= {'get', 'put', 'patch', 'delete'}
+    for status in ('201', '400', '409', '413', '415', '422'):
+        assert status in paths['/person']['post']['responses']
+    assert document['components']['schemas']['PersonCreate']['required'] == [
+        'first_name', 'last_name', 'email']
+
+
+# --- Errors: each a JSON body with a title, and nothing changed -------------------------------
+
+NOT_FOUND_PATHS = ['/person/999', '/person/abc', '/person/-1', '/person/0', '/person/1.5',
+                   '/person/99999999999999999999', '/person/%20', '/nowhere']
+
+
+@pytest.mark.parametrize('path', NOT_FOUND_PATHS)
+@pytest.mark.parametrize('method', ['GET', 'PUT', 'PATCH', 'DELETE'])
+def test_unknown_or_malformed_ids_are_404(client, method, path):
+    post(client, ADA)
+    before = snapshot()
+    response = send(client, method, path, json.dumps(GRACE).encode(), status=404)
+    assert response.json['title']
+    assert snapshot() == before
+
+
+INVALID_BODIES = [
+    # (body, field named in the description)
+    ([ADA], 'object'),
+    ('Ada', 'object'),
+    (None, 'object'),
+    ({'last_name': 'Lovelace', 'email': 'ada@example.com'}, 'first_name'),
+    ({'first_name': 'Ada', 'email': 'ada@example.com'}, 'last_name'),
+    ({'first_name': 'Ada', 'last_name': 'Lovelace'}, 'email'),
+    ({**ADA, 'first_name': None}, 'first_name'),
+    ({**ADA, 'first_name': 42}, 'first_name'),
+    ({**ADA, 'last_name': ['Lovelace']}, 'last_name'),
+    ({**ADA, 'last_name': True}, 'last_name'),
+    ({**ADA, 'email': 12}, 'email'),
+    ({**ADA, 'nickname': 'Countess'}, 'nickname'),
+    ({**ADA, 'id': 5}, 'id'),
+    ({**ADA, 'first_name': ''}, 'first_name'),
+    ({**ADA, 'first_name': '   '}, 'first_name'),
+    ({**ADA, 'last_name': 'x' * 101}, 'last_name'),
+    ({**ADA, 'first_name': 'Ada\r\nBcc: victim@example.com'}, 'first_name'),
+    ({**ADA, 'first_name': 'Ada\n'}, 'first_name'),
+    ({**ADA, 'first_name': 'A\tda'}, 'first_name'),
+    ({**ADA, 'first_name': 'Ada\x00'}, 'first_name'),
+    ({**ADA, 'last_name': 'Love\x7flace'}, 'last_name'),
+    ({**ADA, 'last_name': 'Love\x85lace'}, 'last_name'),
+    ({**ADA, 'last_name': 'Love\u2028lace'}, 'last_name'),
+    ({**ADA, 'last_name': 'Love\ud800lace'}, 'last_name'),
+    ({**ADA, 'email': ''}, 'email'),
+    ({**ADA, 'email': 'ada'}, 'email'),
+    ({**ADA, 'email': 'ada@'}, 'email'),
+    ({**ADA, 'email': '@example.com'}, 'email'),
+    ({**ADA, 'email': 'ada@example'}, 'email'),
+    ({**ADA, 'email': 'ada..king@example.com'}, 'email'),
+    ({**ADA, 'email': 'ada @example.com'}, 'email'),
+    ({**ADA, 'email': ' ada@example.com'}, 'email'),
+    ({**ADA, 'email': 'ada@example.com\r\nBcc: victim@example.com'}, 'email'),
+    ({**ADA, 'email': 'a@b@example.com'}, 'email'),
+    ({**ADA, 'email': 'x' * 250 + '@example.com'}, 'email'),
+    ({**ADA, 'email': 'ada@' + 'x' * 64 + '.com'}, 'email'),
+]
+
+
+@pytest.mark.parametrize('body, field', INVALID_BODIES)
+def test_post_rejects_invalid_bodies_with_422_naming_the_field(client, body, field):
+    before = snapshot()
+    response = post(client, body, status=422)
+    assert field in response.json['description']
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize('body, field', [
+    (body, field) for body, field in INVALID_BODIES if field != 'id'] + [
+    ({**GRACE, 'id': 'one'}, 'id'), ({**GRACE, 'id': True}, 'id'), ({**GRACE, 'id': 10**6}, 'id')])
+def test_put_rejects_invalid_bodies_with_422(client, body, field):
+    person_id = post(client, ADA).json['id']
+    before = snapshot()
+    response = client.put_json(f'/person/{person_id}', body, status=422)
+    assert field in response.json['description']
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize('patch, field', [
+    ({'first_name': None}, 'first_name'), ({'email': None}, 'email'),
+    ({'last_name': ''}, 'last_name'), ({'email': 'nope'}, 'email'),
+    ({'first_name': 'A\nB'}, 'first_name'), ({'age': 3}, 'age'), ({'id': 10**6}, 'id'),
+    ([], 'object'), ('x', 'object')])
+def test_patch_rejects_nulls_and_invalid_values_with_422(client, patch, field):
+    person_id = post(client, ADA).json['id']
+    before = snapshot()
+    response = client.patch_json(f'/person/{person_id}', patch, status=422)
+    assert field in response.json['description']
+    assert snapshot() == before
+
+
+MALFORMED_JSON = [b'', b'{', b'{"first_name": "Ada",}', b"{'first_name': 'Ada'}",
+                  b'{"first_name": NaN}', b'{"first_name": Infinity}', b'[-Infinity]',
+                  b'{"email": "a@example.com", "email": "b@example.com"}',
+                  b'\xff\xfe{}', b'{"first_name": "\xc3\x28"}', b'[' * 30_000 + b']' * 30_000]
+
+
+@pytest.mark.parametrize('raw', MALFORMED_JSON, ids=lambda raw: repr(raw[:30]))
+@pytest.mark.parametrize('method', ['POST', 'PUT', 'PATCH'])
+def test_unparseable_json_is_400(client, method, raw):
+    path = '/person' if method == 'POST' else f'/person/{post(client, ADA).json["id"]}'
+    before = snapshot()
+    response = send(client, method, path, raw, status=400)
+    assert response.json['title'] == 'Malformed JSON'
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize('content_type', [None, 'text/plain', 'application/x-www-form-urlencoded',
+                                          'application/jsonx', 'application/json; charset=latin-1',
+                                          'multipart/form-data; boundary=x'])
+@pytest.mark.parametrize('method', ['POST', 'PUT', 'PATCH'])
+def test_bodies_that_are_not_json_are_415(client, method, content_type):
+    path = '/person' if method == 'POST' else f'/person/{post(client, ADA).json["id"]}'
+    before = snapshot()
+    response = send(client, method, path, json.dumps(GRACE).encode(), content_type=content_type,
+                    status=415)
+    assert response.json['title']
+    assert snapshot() == before
+
+
+def test_json_with_a_charset_parameter_is_accepted(client):
+    response = send(client, 'POST', '/person', json.dumps(ADA).encode(),
+                    content_type='application/json; charset=UTF-8', status=201)
+    assert response.json['email'] == ADA['email']
+
+
+@pytest.mark.parametrize('method', ['POST', 'PUT', 'PATCH'])
+def test_a_body_over_64_kib_is_413(client, method):
+    path = '/person' if method == 'POST' else f'/person/{post(client, ADA).json["id"]}'
+    before = snapshot()
+    oversized = json.dumps({**GRACE, 'first_name': 'x' * (64 * 1024)}).encode()
+    response = send(client, method, path, oversized, status=413)
+    assert response.json['title']
+    assert snapshot() == before
+
+
+def test_a_body_of_exactly_64_kib_is_read(client):
+    body = json.dumps(ADA).encode()
+    padded = body[:-1] + b' ' * (64 * 1024 - len(body)) + b'}'
+    assert send(client, 'POST', '/person', padded, status=201).json['email'] == ADA['email']
+
+
+@pytest.mark.parametrize('email', ['ada@example.com', 'ADA@EXAMPLE.COM', 'Ada@Example.com'])
+def test_a_used_email_is_409_whatever_its_case(client, email):
+    post(client, ADA)
+    before = snapshot()
+    response = post(client, {**GRACE, 'email': email}, status=409)
+    assert 'email' in response.json['description']
+    assert snapshot() == before
+
+
+def test_addresses_differing_only_in_accents_are_distinct(client):
+    post(client, {**ADA, 'email': 'jose@example.com'})
+    post(client, {**GRACE, 'email': 'josé@example.com'})
+    assert Person.select().count() == 2
+
+
+@pytest.mark.parametrize('method', ['PUT', 'PATCH'])
+def test_taking_another_persons_email_is_409(client, method):
+    post(client, ADA)
+    grace_id = post(client, GRACE).json['id']
+    before = snapshot()
+    body = {**GRACE, 'email': 'ADA@example.com'}
+    response = send(client, method, f'/person/{grace_id}', json.dumps(body).encode(), status=409)
+    assert response.json['title']
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize('method, path, allowed', [
+    ('GET', '/person', {'POST'}), ('DELETE', '/person', {'POST'}),
+    ('POST', '/person/1', {'GET', 'PUT', 'PATCH', 'DELETE'}),
+    ('POST', '/healthz', {'GET'}), ('PUT', '/readyz', {'GET'}), ('DELETE', '/openapi.json', {'GET'}),
+])
+def test_other_methods_are_405_with_allow(client, method, path, allowed):
+    response = client.request(path, method=method, status=405)
+    assert response.json['title']
+    assert set(response.headers['Allow'].replace(' ', '').split(',')) - {'OPTIONS'} == allowed
+
+
+def test_errors_never_leak_a_stack_trace(client):
+    for response in (post(client, {'first_name': 1}, status=422),
+                     send(client, 'POST', '/person', b'{', status=400),
+                     client.get('/person/1', status=404)):
+        assert response.content_type == 'application/json'
+        assert 'Traceback' not in response.text and 'File "' not in response.text
