@@ -419,6 +419,8 @@ def print_profile(scenario, raw):
         # and the process frame, to add up all workers.
         frames = [re.sub(r':\d+\)$', ')', frame) for frame in stack.split(';')
                   if not frame.startswith('process ')]
+        if not frames:
+            continue
         samples += int(count)
         own[frames[-1]] += int(count)
         for frame in set(frames):
