@@ -29,12 +29,13 @@ class Config:
     smtp_timeout: float = 10.0
     mail_from: str = 'Person API <no-reply@personapi.local>'
     mail_max_backoff: float = 60.0
+    mail_concurrency: int = 4  # SMTP sessions each worker sends on at once
     rate_limit: str = '60/minute'
     rate_limit_storage: str = 'memory://'
     api_token: str = ''
     body_timeout: float = 10.0  # seconds a client may stall while sending a body
     forwarded_allow_ips: str = ''  # proxies whose X-Forwarded-For is believed; none by default
-    web_concurrency: int = 0  # gunicorn workers; 0: two per CPU core, at most 8
+    web_concurrency: int = 0  # gunicorn workers; 0: one per CPU core
 
     @classmethod
     def from_env(cls, environ=None):

@@ -7,8 +7,8 @@ database, so any number of workers and replicas send each mail once. `python mai
 
 import contextlib
 import email.message
+import email.policy
 import email.utils
-import html
 import logging
 import random
 import smtplib
@@ -26,7 +26,7 @@ from models import Outbox, db
 
 log = logging.getLogger('personapi.mailer')
 
-BATCH_SIZE = 20
+BATCH_SIZE = 10  # mails per SMTP session; small, so that several senders share a backlog
 POLL_SECONDS = 10.0  # without a wake-up, look for due mail (other replicas', retries) this often
 FIRST_RETRY_SECONDS = 1.0
 # Control characters, lone surrogates, line and paragraph separators: each could end a
@@ -56,7 +56,10 @@ def _header_text(text):
 
 
 def compose(row, mail_from):
-    """The welcome message for an outbox row."""
+    """The welcome message for an outbox row: plain text, which every client shows well.
+
+    `mail_from` is a From header as a string, or parsed once by `from_header()`.
+    """
     full_name = _header_text(f'{row.first_name} {row.last_name}')
     message = email.message.EmailMessage()
     message['From'] = mail_from
@@ -65,10 +68,12 @@ def compose(row, mail_from):
     message['Date'] = email.utils.formatdate(localtime=False)
     message['Message-ID'] = email.utils.make_msgid(domain='personapi.local')
     message.set_content(f'Hello {full_name},\n\nyou are now registered with the Person API.\n')
-    message.add_alternative(f'<p>Hello {html.escape(full_name)},</p>'
-                            '<p>you are now registered with the Person API.</p>',
-                            subtype='html')
     return message
+
+
+def from_header(mail_from):
+    """MAIL_FROM parsed once: parsing an address header costs more than sending the mail."""
+    return email.policy.default.header_factory('From', _header_text(mail_from))
 
 
 class Smtp:
@@ -105,36 +110,45 @@ def _is_permanent(error):
 class Courier:
     """Delivers the outbox: woken after each commit, polling rarely otherwise."""
 
-    def __init__(self, smtp, mail_from, *, max_backoff=60.0, lease_seconds=None):
-        self.smtp, self.mail_from, self.max_backoff = smtp, mail_from, max_backoff
+    def __init__(self, smtp, mail_from, *, max_backoff=60.0, senders=1, lease_seconds=None):
+        self.smtp, self.mail_from, self.max_backoff = smtp, from_header(mail_from), max_backoff
+        self.senders = senders
         # Longer than one batch can take against a server that stalls every reply.
         self.lease_seconds = lease_seconds or 2 * BATCH_SIZE * smtp.timeout
         self._wake = threading.Event()
         self._stopping = threading.Event()
-        self._thread = None
+        self._threads = []
 
     @classmethod
     def from_config(cls, config):
         return cls(Smtp.from_config(config), config.mail_from,
-                   max_backoff=config.mail_max_backoff)
+                   max_backoff=config.mail_max_backoff, senders=config.mail_concurrency)
 
     # --- lifecycle -----------------------------------------------------------------------
 
     def start(self):
-        """Start the delivery thread; call it in each worker, after the fork."""
+        """Start the sender threads, each with its own SMTP session; call it in each worker,
+        after the fork. Several sessions keep up with a slow SMTP server."""
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name='courier', daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._run, name=f'courier-{n}', daemon=True)
+                         for n in range(self.senders)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def running(self):
+        return any(thread.is_alive() for thread in self._threads)
 
     def wake(self):
         self._wake.set()
 
     def stop(self, timeout=None):
-        """Finish the mail in hand, give the rest of the batch back, and end the thread."""
+        """Finish the mails in hand, give the rest of the batches back, end the threads."""
         self._stopping.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout if timeout is not None else self.smtp.timeout + 5)
+        deadline = time.monotonic() + (timeout if timeout is not None else self.smtp.timeout + 5)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self):
         while not self._stopping.is_set():
