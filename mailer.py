@@ -39,9 +39,10 @@ class PermanentFailure(Exception):
 
 
 def enqueue_welcome(person):
-    """Queue `person`'s welcome mail; call it inside the transaction that creates them."""
-    Outbox.create(recipient=person.email, first_name=person.first_name,
-                  last_name=person.last_name)
+    """Queue the welcome mail of `person` (its fields, cleaned); call it inside the
+    transaction that creates them."""
+    models.insert(Outbox, recipient=person['email'], first_name=person['first_name'],
+                  last_name=person['last_name'])
 
 
 def has_control_characters(text):

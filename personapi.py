@@ -175,14 +175,14 @@ class PersonCollection:
         fields = clean_person(read_json(req))
         try:
             with models.write_transaction():
-                person = Person.create(**fields)
-                mailer.enqueue_welcome(person)
+                person_id = models.insert(Person, **fields)
+                mailer.enqueue_welcome(fields)
         except peewee.IntegrityError:
             raise _conflict()
         self._courier.wake()
         resp.status = falcon.HTTP_201
-        resp.location = f'/person/{person.id}'
-        resp.media = person_document(person)
+        resp.location = f'/person/{person_id}'
+        resp.media = person_document(Person(id=person_id, **fields))
 
 
 class PersonItem:

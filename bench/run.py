@@ -440,7 +440,7 @@ def parse(argv):
     parser.add_argument('--rounds', type=int, default=2)
     parser.add_argument('--seconds', type=int, default=8, help='measured seconds per run')
     parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--drain', type=int, default=30,
+    parser.add_argument('--drain', type=int, default=120,
                         help='seconds to wait for the mails after a POST run')
     parser.add_argument('--large', type=int, default=1_000_000, help='persons in get-1m')
     parser.add_argument('--gunicorn-args', type=shlex.split, default=[],
