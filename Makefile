@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test mailsink clean
+.PHONY: run test mailsink deploy-check clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ test: $(BIN)/.installed  ## the whole test suite
 
 mailsink: $(BIN)/.installed  ## print every mail sent to localhost:1025
 	$(BIN)/python -m aiosmtpd -n -l localhost:1025
+
+$(BIN)/.deploy-tools: $(BIN)/.installed deploy/requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r deploy/requirements.txt
+	touch $@
+
+deploy-check: $(BIN)/.deploy-tools  ## build and run the image, play deploy.yaml (as root)
+	PATH="$(CURDIR)/$(BIN):$$PATH" deploy/check.sh
 
 clean:
 	rm -rf $(VENV) data .pytest_cache
