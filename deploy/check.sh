@@ -87,12 +87,17 @@ cleanup() {
 trap cleanup EXIT
 
 if [[ -n ${CI:-} ]] || ! podman image exists "$BASE"; then
-  mirror=$(apt-get indextargets --format '$(SITE)' "Release: $SUITE" 'Created-By: Packages' | head -n1)
+  # The machine's apt sources for the suite, its updates and its security updates, as the
+  # official image has them; the suite's own mirror is debootstrap's.
+  sources=$(apt-get indextargets --format 'deb $(SITE) $(RELEASE) $(COMPONENT)' 'Created-By: Packages' \
+    | sort -u | awk -v suite="$SUITE" '$3 ~ "^" suite "(-updates|-security)?$"')
+  mirror=$(awk -v suite="$SUITE" '$3 == suite { print $2; exit }' <<<"$sources")
   [[ -n $mirror ]] || fail "no Debian $SUITE mirror in the apt sources"
   step "Base image $BASE: debootstrap $SUITE from $mirror"
   rootfs=$(mktemp -d)
   timeout 600 debootstrap --variant=minbase "$SUITE" "$rootfs" "$mirror" >"$WORK/debootstrap.log" \
     || fail "debootstrap failed, see $WORK/debootstrap.log"
+  echo "$sources" >"$rootfs/etc/apt/sources.list"
   rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin "$rootfs"/var/lib/apt/lists/*
   tar -C "$rootfs" -c . | timeout 300 podman import --quiet - "$BASE" >/dev/null
   rm -rf "$rootfs"
