@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test mailsink deploy-check clean
+.PHONY: run test fuzz mailsink deploy-check clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,21 @@ run: $(BIN)/.installed  ## serve the API on 127.0.0.1:8000 (SQLite in data/)
 test: $(BIN)/.installed  ## the whole test suite
 	$(BIN)/pytest -q tests
 
+$(BIN)/.installed-fuzz: $(BIN)/.installed requirements-fuzz.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-fuzz.txt
+	touch $@
+
+fuzz: $(BIN)/.installed-fuzz  ## schemathesis against the service's own OpenAPI document
+	cd tests && ../$(BIN)/python fuzz.py
+
 mailsink: $(BIN)/.installed  ## print every mail sent to localhost:1025
 	$(BIN)/python -m aiosmtpd -n -l localhost:1025
 
-$(BIN)/.deploy-tools: $(BIN)/.installed deploy/requirements.txt
+$(BIN)/.installed-deploy: $(BIN)/.installed deploy/requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r deploy/requirements.txt
 	touch $@
 
-deploy-check: $(BIN)/.deploy-tools  ## build and run the image, play deploy.yaml (as root)
+deploy-check: $(BIN)/.installed-deploy  ## build and run the image, play deploy.yaml (as root)
 	PATH="$(CURDIR)/$(BIN):$$PATH" deploy/check.sh
 
 clean:

@@ -32,6 +32,8 @@ class Config:
     rate_limit: str = '60/minute'
     rate_limit_storage: str = 'memory://'
     api_token: str = ''
+    body_timeout: float = 10.0  # seconds a client may stall while sending a body
+    forwarded_allow_ips: str = ''  # proxies whose X-Forwarded-For is believed; none by default
     web_concurrency: int = 0  # gunicorn workers; 0: two per CPU core, at most 8
 
     @classmethod

@@ -3,14 +3,17 @@
 Command-line flags and GUNICORN_CMD_ARGS override any of these.
 """
 
+import logging
 import multiprocessing
 import sys
 
 from config import Config
 
+app_config = Config.from_env()  # not "config": gunicorn reads that name as a setting
+
 wsgi_app = 'personapi:app'
 bind = '127.0.0.1:8000'
-workers = Config.from_env().web_concurrency or min(2 * multiprocessing.cpu_count(), 8)
+workers = app_config.web_concurrency or min(2 * multiprocessing.cpu_count(), 8)
 worker_class = 'gthread'
 threads = 4
 keepalive = 5
@@ -26,9 +29,15 @@ limit_request_line = 4094
 limit_request_fields = 50
 limit_request_field_size = 8190
 
+# The proxies trusted with X-Forwarded-For/-Proto: the app's rate limiter reads the same list.
+forwarded_allow_ips = app_config.forwarded_allow_ips
+
 # Access log: method, path (no query string), status, duration, request id; never a body.
 accesslog = '-'
 access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(M)sms rid=%({x-request-id}o)s'
+# The app's own messages (mail delivery, errors) go to stderr beside gunicorn's.
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format='[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s')
 
 
 def on_starting(server):

@@ -19,6 +19,8 @@ import time
 import unicodedata
 import uuid
 
+import peewee
+
 import models
 from models import Outbox, db
 
@@ -137,11 +139,10 @@ class Courier:
                 pause = self._seconds_until_due()
             except Exception:
                 log.exception('mail delivery round failed')
+                _close_quietly()  # reconnect on the next round: the database may be back
                 pause = FIRST_RETRY_SECONDS
-            finally:
-                if not models.is_sqlite():
-                    db.close()
             self._wake.wait(pause)
+        _close_quietly()
 
     def _seconds_until_due(self):
         due_at = Outbox.next_due_at()
@@ -196,6 +197,13 @@ class Courier:
         """Exponential in the attempts made, capped, with jitter so workers do not stampede."""
         ceiling = min(self.max_backoff, FIRST_RETRY_SECONDS * 2 ** max(0, attempts - 1))
         return random.uniform(ceiling / 2, ceiling)
+
+
+def _close_quietly():
+    try:
+        db.close()
+    except peewee.PeeweeException:
+        pass
 
 
 def _describe(error):

@@ -4,14 +4,21 @@
 the module-level `app`, for `gunicorn personapi:app`, builds them from the environment.
 """
 
+import hmac
+import ipaddress
 import json
 import logging
+import math
 import re
+import time
 import unicodedata
 import uuid
 
 import email_validator
 import falcon
+import limits
+import limits.storage
+import limits.strategies
 import peewee
 
 import mailer
@@ -32,6 +39,9 @@ FORBIDDEN_CATEGORIES = frozenset({'Cc', 'Cs', 'Zl', 'Zp'})
 JSON = 'application/json'
 MERGE_PATCH = 'application/merge-patch+json'
 REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}\Z')
+WRITE_METHODS = frozenset({'POST', 'PUT', 'PATCH', 'DELETE'})
+BODY_METHODS = frozenset({'POST', 'PUT', 'PATCH'})
+OPEN_PATHS = frozenset({'/healthz', '/readyz', '/openapi.json'})  # never behind the token
 # Ids the routes accept: anything else (negative, huge, not a number) is simply not found.
 PERSON_ROUTE = '/person/{person_id:int(min=1, max=9223372036854775807)}'
 
@@ -58,10 +68,7 @@ def read_json(req, media_types=(JSON,)):
             description=f'Send the body as {" or ".join(media_types)} (UTF-8).')
     if (req.content_length or 0) > MAX_BODY_BYTES:
         raise _too_large()
-    # A server that marks the end of the input (gunicorn does) lets a chunked body be read;
-    # elsewhere only Content-Length bytes are safe to read.
-    stream = req.stream if req.env.get('wsgi.input_terminated') else req.bounded_stream
-    raw = stream.read(MAX_BODY_BYTES + 1)
+    raw = _read_body(req)
     if len(raw) > MAX_BODY_BYTES:
         raise _too_large()
     try:
@@ -70,6 +77,17 @@ def read_json(req, media_types=(JSON,)):
     except (ValueError, RecursionError) as error:
         raise falcon.HTTPBadRequest(title='Malformed JSON',
                                     description=f'The body is not valid JSON: {error}.')
+
+
+def _read_body(req):
+    """At most MAX_BODY_BYTES + 1 bytes of the body."""
+    # A server that marks the end of the input (gunicorn does) lets a chunked body be read;
+    # elsewhere only Content-Length bytes are safe to read.
+    stream = req.stream if req.env.get('wsgi.input_terminated') else req.bounded_stream
+    try:
+        return stream.read(MAX_BODY_BYTES + 1)
+    except TimeoutError:  # see BodyTimeout
+        raise falcon.HTTPError(falcon.HTTP_408, description='The body did not arrive in time.')
 
 
 def _too_large():
@@ -241,6 +259,106 @@ class RequestId:
         resp.set_header('X-Request-ID', req.context.request_id)
 
 
+class SecurityHeaders:
+    """Responses are never sniffed as another type, and never cached: they hold personal data."""
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        resp.set_header('X-Content-Type-Options', 'nosniff')
+        resp.set_header('Cache-Control', 'no-store')
+
+
+class BodyTimeout:
+    """Cut off a client that stalls while sending a body: gunicorn's threads would wait forever."""
+
+    def __init__(self, seconds):
+        self._seconds = seconds
+
+    def process_request(self, req, resp):
+        client = req.env.get('gunicorn.socket')
+        if client is not None and req.method in BODY_METHODS:
+            client.settimeout(self._seconds)
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        client = req.env.get('gunicorn.socket')
+        if client is not None and req.method in BODY_METHODS:
+            client.settimeout(None)
+
+
+class BearerToken:
+    """With API_TOKEN set, every route but the open ones needs `Authorization: Bearer <token>`.
+
+    Checked before routing, so an unknown id without the token is 401, not 404.
+    """
+
+    def __init__(self, token):
+        self._token = token.encode()
+
+    def process_request(self, req, resp):
+        if req.path in OPEN_PATHS:
+            return
+        scheme, _, given = (req.get_header('Authorization') or '').partition(' ')
+        if scheme.lower() != 'bearer' or not hmac.compare_digest(given.strip().encode(),
+                                                                  self._token):
+            raise falcon.HTTPUnauthorized(title='Unauthorized',
+                                          description='Send Authorization: Bearer <token>.',
+                                          challenges=['Bearer'])
+
+
+def parse_networks(spec):
+    """gunicorn's forwarded_allow_ips syntax: comma-separated addresses or networks, or '*'."""
+    items = [item.strip() for item in spec.split(',') if item.strip()]
+    return [ipaddress.ip_network(item, strict=False) for item in items if item != '*'] + (
+        [ipaddress.ip_network('0.0.0.0/0'), ipaddress.ip_network('::/0')] if '*' in items else [])
+
+
+def client_address(req, trusted_proxies):
+    """The socket peer, or, when the peer is a trusted proxy, the nearest address in
+    X-Forwarded-For that is not one: a header from anyone else changes nothing."""
+    hops = [req.remote_addr] + [hop.strip() for hop in reversed(
+        (req.get_header('X-Forwarded-For') or '').split(','))]
+    for hop in hops:
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop  # not an address: the last trustworthy word about the client
+        if not any(address in network for network in trusted_proxies):
+            return hop
+    return hops[-1]
+
+
+class RateLimit:
+    """Writes per client address, counted by the `limits` library: 429 past the budget.
+
+    In-memory storage counts per worker process; a redis:// storage shares one budget
+    between every worker and replica.
+    """
+
+    def __init__(self, limit, storage_uri, trusted_proxies=()):
+        self._limit = limits.parse(limit)
+        self._limiter = limits.strategies.MovingWindowRateLimiter(
+            limits.storage.storage_from_string(storage_uri))
+        self._trusted_proxies = trusted_proxies
+
+    def process_request(self, req, resp):
+        if req.method not in WRITE_METHODS:
+            return
+        client = client_address(req, self._trusted_proxies)
+        try:
+            allowed = self._limiter.hit(self._limit, 'writes', client)
+        except Exception:  # storage unreachable: serve rather than refuse everyone
+            log.warning('rate limit storage unavailable (request %s)', req.context.request_id)
+            return
+        if not allowed:
+            reset_at = self._limiter.get_window_stats(self._limit, 'writes', client).reset_time
+            raise falcon.HTTPTooManyRequests(
+                description=f'At most {self._limit} writes per client; try again later.',
+                retry_after=max(1, math.ceil(reset_at - time.time())))
+
+
+def rate_limiting_enabled(limit):
+    return limit.strip().lower() not in ('', '0', 'off')
+
+
 class ConnectionPerRequest:
     """Give a database server's connection back after each request (to its pool, if any).
 
@@ -279,7 +397,12 @@ def handle_unexpected(req, resp, error, params):
 
 def create_app(config, courier):
     """The WSGI app; `courier` delivers the welcome mails that POST queues."""
-    middleware = [RequestId()]
+    middleware = [RequestId(), SecurityHeaders(), BodyTimeout(config.body_timeout)]
+    if rate_limiting_enabled(config.rate_limit):
+        middleware.append(RateLimit(config.rate_limit, config.rate_limit_storage,
+                                    parse_networks(config.forwarded_allow_ips)))
+    if config.api_token:
+        middleware.append(BearerToken(config.api_token))
     if not models.is_sqlite():
         middleware.append(ConnectionPerRequest())
     app = falcon.App(middleware=middleware)
@@ -308,7 +431,10 @@ def _error_responses(*statuses):
 
 
 def openapi_document():
-    name = {'type': 'string', 'minLength': 1, 'maxLength': MAX_NAME_LENGTH}
+    allowed = r'[^\u0000-\u001f\u007f-\u009f\u2028\u2029]'
+    name = {'type': 'string', 'minLength': 1, 'maxLength': MAX_NAME_LENGTH,
+            'pattern': f'^{allowed}*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]{allowed}*$',
+            'description': 'Trimmed; no control characters.'}
     email = {'type': 'string', 'format': 'email', 'maxLength': MAX_EMAIL_LENGTH}
     person_input = {'type': 'object', 'additionalProperties': False,
                     'properties': {'first_name': name, 'last_name': name, 'email': email}}
@@ -331,6 +457,7 @@ def openapi_document():
                 'responses': {'200': ok('The person', '#/components/schemas/PersonEmail'),
                               **_error_responses(401, 404, 503)}},
         'put': {'summary': 'Replace a person', 'operationId': 'replacePerson',
+                'description': 'The body may also repeat the path\'s id as "id".',
                 'requestBody': body('#/components/schemas/PersonReplace', JSON),
                 'responses': {'200': ok('The person as stored', '#/components/schemas/Person'),
                               **_error_responses(404, 409, *writes)}},
@@ -368,10 +495,8 @@ def openapi_document():
             'schemas': {
                 'PersonCreate': {**person_input,
                                  'required': list(PERSON_FIELDS)},
-                'PersonReplace': {**person_input, 'required': list(PERSON_FIELDS),
-                                  'properties': {**person_input['properties'], 'id': person_id}},
-                'PersonPatch': {**person_input,
-                                'properties': {**person_input['properties'], 'id': person_id}},
+                'PersonReplace': {**person_input, 'required': list(PERSON_FIELDS)},
+                'PersonPatch': person_input,
                 'Person': {'type': 'object', 'additionalProperties': False,
                            'required': ['id', *PERSON_FIELDS],
                            'properties': {'id': person_id, 'first_name': name,

@@ -70,7 +70,7 @@ def smtp():
 @pytest.fixture
 def config(database_url, smtp):
     return Config(database_url=database_url, smtp_host='127.0.0.1', smtp_port=smtp.port,
-                  smtp_timeout=5, mail_max_backoff=1)
+                  smtp_timeout=5, mail_max_backoff=1, rate_limit='off')
 
 
 @pytest.fixture
@@ -89,4 +89,4 @@ def service_env(database_url, smtp):
     """Environment for a gunicorn service on this test's database and SMTP sink."""
     models.db.close()  # the service's processes open their own connections
     return {'DATABASE_URL': database_url, 'SMTP_HOST': '127.0.0.1', 'SMTP_PORT': str(smtp.port),
-            'MAIL_MAX_BACKOFF': '1'}
+            'MAIL_MAX_BACKOFF': '1', 'RATE_LIMIT': 'off'}

@@ -1,0 +1,104 @@
+"""End to end against a real `gunicorn personapi:app` with two workers."""
+
+import concurrent.futures
+import signal
+import time
+
+import pytest
+
+from support import Service, SmtpSink, free_port
+
+
+def person(number):
+    return {'first_name': 'Ada', 'last_name': f'Lovelace {number}',
+            'email': f'ada{number}@example.com'}
+
+
+@pytest.fixture
+def service(service_env, tmp_path):
+    running = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
+    yield running
+    running.kill()
+
+
+def in_parallel(calls, threads=16):
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda call: call(), calls))
+
+
+def test_parallel_posts_of_one_email_create_exactly_one_person(service):
+    statuses = [status for status, _, _ in in_parallel(
+        [lambda: service.request('POST', '/person', person(1))] * 20, threads=20)]
+    assert sorted(statuses) == [201] + [409] * 19
+
+
+def test_200_parallel_posts_all_succeed(service, tmp_path):
+    results = in_parallel([lambda n=n: service.request('POST', '/person', person(n))
+                           for n in range(200)])
+    assert [status for status, _, _ in results] == [201] * 200
+    assert len({body['id'] for _, _, body in results}) == 200
+    assert 'database is locked' not in (tmp_path / 'gunicorn.log').read_text()
+
+
+def test_every_acknowledged_write_survives_kill_9(service, service_env, tmp_path):
+    ids = [service.request('POST', '/person', person(n))[2]['id'] for n in range(50)]
+    service.kill()  # right after the last 201: master and workers die at once
+    restarted = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
+    try:
+        assert [restarted.request('GET', f'/person/{i}')[0] for i in ids] == [200] * 50
+    finally:
+        restarted.kill()
+
+
+def test_one_mail_per_person_with_two_workers(service, smtp):
+    results = in_parallel([lambda n=n: service.request('POST', '/person', person(n))
+                           for n in range(30)], threads=8)
+    assert [status for status, _, _ in results] == [201] * 30
+    assert smtp.wait_for(30, timeout=15) == 30
+    time.sleep(1)  # a duplicate would arrive now
+    recipients = sorted(rcpt for rcpts, _ in smtp.received() for rcpt in rcpts)
+    assert recipients == sorted(f'ada{n}@example.com' for n in range(30))
+
+
+def test_smtp_down_slows_nothing_and_loses_nothing(service_env, tmp_path):
+    sink = SmtpSink(port=free_port())  # not started yet: connections are refused
+    env = {**service_env, 'SMTP_PORT': str(sink.port)}
+    service = Service(env, log_path=tmp_path / 'gunicorn.log').start()
+    try:
+        durations = []
+        for n in range(20):
+            started = time.monotonic()
+            assert service.request('POST', '/person', person(n))[0] == 201
+            durations.append(time.monotonic() - started)
+        assert max(durations) < 1.0
+        sink.start()
+        try:
+            assert sink.wait_for(20, timeout=20) == 20
+        finally:
+            sink.stop()
+    finally:
+        service.kill()
+
+
+def test_mail_pending_at_shutdown_is_sent_after_a_restart(service_env, tmp_path):
+    sink = SmtpSink(port=free_port())
+    env = {**service_env, 'SMTP_PORT': str(sink.port)}
+    service = Service(env, log_path=tmp_path / 'gunicorn.log').start()
+    for n in range(5):
+        assert service.request('POST', '/person', person(n))[0] == 201
+    service.stop()
+    assert service.process.returncode == 0
+    sink.start()
+    restarted = Service(env, log_path=tmp_path / 'gunicorn.log').start()
+    try:
+        assert sink.wait_for(5, timeout=20) == 5
+    finally:
+        restarted.kill()
+        sink.stop()
+
+
+def test_sigterm_stops_gracefully_and_promptly(service):
+    started = time.monotonic()
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(15) == 0
+    assert time.monotonic() - started < 10
