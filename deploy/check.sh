@@ -111,6 +111,10 @@ ca=/etc/ssl/certs/ca-certificates.crt
 [[ -s $ca ]] && secret=(--secret "id=ca,src=$ca")
 timeout 900 podman build --quiet --isolation=chroot "${secret[@]}" -t "$IMAGE" . >/dev/null
 podman image inspect --format 'image {{.Id}}: {{.Size}} bytes, user {{.Config.User}}' "$IMAGE"
+timeout 60 podman run --rm --network none --entrypoint /bin/sh "$IMAGE" -c \
+  '! python3 -c "import pip" 2>/dev/null && [ ! -e /opt/venv/bin/pip ] && [ -z "$(ls -A /var/lib/apt/lists)" ]' \
+  || fail "the image keeps pip or apt lists"
+echo "no pip, no apt lists in the image"
 
 step "podman run: read-only root, UID 10001, no capabilities, SMTP sink on loopback"
 smtp_port=$(free_port)
