@@ -29,7 +29,9 @@ log = logging.getLogger('personapi.mailer')
 BATCH_SIZE = 20
 POLL_SECONDS = 10.0  # without a wake-up, look for due mail (other replicas', retries) this often
 FIRST_RETRY_SECONDS = 1.0
-UNSAFE_HEADER_CATEGORIES = frozenset({'Cc', 'Cs', 'Zl', 'Zp'})
+# Control characters, lone surrogates, line and paragraph separators: each could end a
+# mail header early (header injection) or break the database's encoding.
+CONTROL_CATEGORIES = frozenset({'Cc', 'Cs', 'Zl', 'Zp'})
 
 
 class PermanentFailure(Exception):
@@ -42,10 +44,14 @@ def enqueue_welcome(person):
                   last_name=person.last_name)
 
 
+def has_control_characters(text):
+    return any(unicodedata.category(char) in CONTROL_CATEGORIES for char in text)
+
+
 def _header_text(text):
-    # Validation already refuses these characters; a header is never built without this check.
-    if any(unicodedata.category(char) in UNSAFE_HEADER_CATEGORIES for char in text):
-        raise PermanentFailure('unsafe character in a header value')
+    # The API already refuses such names; a header is still never built without this check.
+    if has_control_characters(text):
+        raise PermanentFailure('control character in a header value')
     return text
 
 
@@ -134,6 +140,7 @@ class Courier:
         while not self._stopping.is_set():
             self._wake.clear()
             try:
+                models.skip_fsync_on_this_connection()
                 while self.deliver_due() == BATCH_SIZE and not self._stopping.is_set():
                     pass
                 pause = self._seconds_until_due()

@@ -11,7 +11,6 @@ import logging
 import math
 import re
 import time
-import unicodedata
 import uuid
 
 import email_validator
@@ -33,9 +32,6 @@ MAX_NAME_LENGTH = 100
 MAX_EMAIL_LENGTH = 254
 NAME_FIELDS = ('first_name', 'last_name')
 PERSON_FIELDS = NAME_FIELDS + ('email',)
-# Control characters, lone surrogates and line/paragraph separators: none belongs in a
-# name, and each could break a mail header or the database's encoding.
-FORBIDDEN_CATEGORIES = frozenset({'Cc', 'Cs', 'Zl', 'Zp'})
 JSON = 'application/json'
 MERGE_PATCH = 'application/merge-patch+json'
 REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}\Z')
@@ -104,7 +100,7 @@ def _invalid(field, problem):
 def clean_name(field, value):
     if not isinstance(value, str):
         raise _invalid(field, 'must be a string')
-    if any(unicodedata.category(char) in FORBIDDEN_CATEGORIES for char in value):
+    if mailer.has_control_characters(value):
         raise _invalid(field, 'must not contain control characters')
     value = value.strip()
     if not 1 <= len(value) <= MAX_NAME_LENGTH:

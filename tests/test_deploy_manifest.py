@@ -44,7 +44,7 @@ def container_port(container, port):
 
 
 def configmap():
-    return one('ConfigMap', 'personapi')['data']
+    return one('ConfigMap', 'personapi-config')['data']
 
 
 def test_every_object_is_labelled():
@@ -130,7 +130,7 @@ def test_the_manifest_sets_only_variables_the_app_reads():
     container = api_container()
     set_here = set(configmap()) | {variable['name'] for variable in container['env']}
     assert set_here <= set(Config.variables())
-    assert [ref['configMapRef']['name'] for ref in container['envFrom']] == ['personapi']
+    assert [ref['configMapRef']['name'] for ref in container['envFrom']] == ['personapi-config']
 
 
 def test_every_variable_the_app_reads_is_documented():

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from support import Service, SmtpSink, free_port, wait_until
-from test_service import in_parallel, person
+from test_service import assert_one_mail_per_person, in_parallel, person
 
 
 @pytest.fixture
@@ -24,13 +24,7 @@ def two_services(service_env, tmp_path):
 
 
 def test_two_services_send_each_mail_exactly_once(two_services, smtp):
-    results = in_parallel([lambda n=n: two_services[n % 2].request('POST', '/person', person(n))
-                           for n in range(40)], threads=8)
-    assert [status for status, _, _ in results] == [201] * 40
-    assert smtp.wait_for(40, timeout=20) == 40
-    time.sleep(1.5)  # a duplicate would arrive now
-    recipients = sorted(rcpt for rcpts, _ in smtp.received() for rcpt in rcpts)
-    assert recipients == sorted(f'ada{n}@example.com' for n in range(40))
+    assert_one_mail_per_person(two_services, smtp, 40)
 
 
 def test_two_services_agree_on_a_contested_email(two_services):

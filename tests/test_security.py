@@ -11,9 +11,10 @@ import uuid
 import pytest
 import webtest
 
+import models
 import personapi
 from models import Outbox, Person
-from support import Service, SmtpSink
+from support import Service, free_port
 
 ADA = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
 TOKEN = 'correct-horse-battery-staple'
@@ -96,11 +97,14 @@ def test_an_internal_error_is_a_json_500_whose_request_id_is_logged(client, monk
     assert any('req-42' in record.getMessage() for record in caplog.records)
 
 
-def test_a_database_failure_is_a_clean_503(client):
-    Person._meta.database.execute_sql('DROP TABLE outbox')
-    response = client.post_json('/person', ADA, status=503)
+@pytest.mark.parametrize('path', ['/person/1', '/readyz'])
+def test_an_unreachable_database_is_a_clean_503(config, courier, path):
+    models.connect(f'postgresql://postgres@127.0.0.1:{free_port()}/gone')  # nobody listens
+    app = webtest.TestApp(personapi.create_app(config, courier))
+    response = app.get(path, status=503)
     assert response.headers['Retry-After'] == '5'
-    assert 'outbox' not in response.text and 'SQL' not in response.text
+    assert response.json['title'] == 'Database unavailable'
+    assert 'connection' not in response.text.lower() and '127.0.0.1' not in response.text
 
 
 # --- Rate limiting (in-process: the client address is REMOTE_ADDR) --------------------------
@@ -264,7 +268,7 @@ def test_logs_hold_no_names_or_addresses(service_env, tmp_path):
     finally:
         service.stop()
     log = log_path.read_text()
-    assert f'"POST /person" 201' in log and 'rid=' in log and 'SMTP unavailable' in log
+    assert '"POST /person" 201' in log and 'rid=' in log and 'SMTP unavailable' in log
     for word in ('Zenobia', 'Quillfeather', 'zq.'):
         assert word not in log
 

@@ -1,6 +1,7 @@
 """End to end against a real `gunicorn personapi:app` with two workers."""
 
 import concurrent.futures
+import os
 import signal
 import time
 
@@ -50,14 +51,19 @@ def test_every_acknowledged_write_survives_kill_9(service, service_env, tmp_path
         restarted.kill()
 
 
-def test_one_mail_per_person_with_two_workers(service, smtp):
-    results = in_parallel([lambda n=n: service.request('POST', '/person', person(n))
-                           for n in range(30)], threads=8)
-    assert [status for status, _, _ in results] == [201] * 30
-    assert smtp.wait_for(30, timeout=15) == 30
-    time.sleep(1)  # a duplicate would arrive now
+def assert_one_mail_per_person(services, smtp, count):
+    """POST `count` people spread over `services`; each must get exactly one mail."""
+    results = in_parallel([lambda n=n: services[n % len(services)].request('POST', '/person', person(n))
+                           for n in range(count)], threads=8)
+    assert [status for status, _, _ in results] == [201] * count
+    assert smtp.wait_for(count, timeout=20) == count
+    time.sleep(1.5)  # a duplicate would arrive now
     recipients = sorted(rcpt for rcpts, _ in smtp.received() for rcpt in rcpts)
-    assert recipients == sorted(f'ada{n}@example.com' for n in range(30))
+    assert recipients == sorted(f'ada{n}@example.com' for n in range(count))
+
+
+def test_one_mail_per_person_with_two_workers(service, smtp):
+    assert_one_mail_per_person([service], smtp, 30)
 
 
 def test_smtp_down_slows_nothing_and_loses_nothing(service_env, tmp_path):
@@ -102,3 +108,20 @@ def test_sigterm_stops_gracefully_and_promptly(service):
     service.process.send_signal(signal.SIGTERM)
     assert service.process.wait(15) == 0
     assert time.monotonic() - started < 10
+
+
+def test_the_master_holds_no_database_connection_to_share_with_workers(service, service_env):
+    """Connections are opened after the fork, by each worker, never inherited."""
+    if not service_env['DATABASE_URL'].startswith('sqlite'):
+        pytest.skip('checked on the SQLite file, whose open descriptors /proc shows')
+    assert service.request('POST', '/person', person(1))[0] == 201
+    database_file = service_env['DATABASE_URL'].removeprefix('sqlite:///')
+
+    def open_files(pid):
+        folder = f'/proc/{pid}/fd'
+        return {os.path.realpath(os.path.join(folder, fd)) for fd in os.listdir(folder)}
+    master = service.process.pid
+    with open(f'/proc/{master}/task/{master}/children') as children:
+        workers = [int(pid) for pid in children.read().split()]
+    assert database_file not in open_files(master)
+    assert any(database_file in open_files(worker) for worker in workers)
