@@ -35,3 +35,10 @@ deploy-check: $(BIN)/.installed-deploy  ## build and run the image, play deploy.
 
 clean:
 	rm -rf $(VENV) data .pytest_cache
+
+.PHONY: bench
+bench: $(BIN)/.installed  ## the service against bench/ceiling.py with wrk; writes bench/RESULTS.md
+	@command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk) \
+		|| { echo 'bench needs wrk: apt-get install wrk (as root)'; exit 1; }
+	$(BIN)/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
