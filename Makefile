@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test fuzz mailsink clean
+.PHONY: run test fuzz mailsink deploy-check clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,13 @@ fuzz: $(BIN)/.installed-fuzz  ## schemathesis against the service's own OpenAPI 
 
 mailsink: $(BIN)/.installed  ## print every mail sent to localhost:1025
 	$(BIN)/python -m aiosmtpd -n -l localhost:1025
+
+$(BIN)/.installed-deploy: $(BIN)/.installed deploy/requirements.txt
+	$(BIN)/pip install --quiet --disable-pip-version-check -r deploy/requirements.txt
+	touch $@
+
+deploy-check: $(BIN)/.installed-deploy  ## build and run the image, play deploy.yaml (as root)
+	PATH="$(CURDIR)/$(BIN):$$PATH" deploy/check.sh
 
 clean:
 	rm -rf $(VENV) data .pytest_cache

@@ -1,0 +1,158 @@
+"""deploy.yaml against the app and the Dockerfile: what a Kubernetes schema cannot check."""
+
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST_TEXT = (ROOT / 'deploy.yaml').read_text(encoding='utf-8')
+MANIFEST = list(yaml.safe_load_all(MANIFEST_TEXT))
+DOCKERFILE = (ROOT / 'Dockerfile').read_text(encoding='utf-8')
+NAME = 'app.kubernetes.io/name'
+COMPONENT = 'app.kubernetes.io/component'
+
+
+def objects(kind):
+    return [doc for doc in MANIFEST if doc['kind'] == kind]
+
+
+def one(kind, name):
+    (found,) = [doc for doc in objects(kind) if doc['metadata']['name'] == name]
+    return found
+
+
+def pod_labels(deployment):
+    return deployment['spec']['template']['metadata']['labels']
+
+
+def api_container():
+    (container,) = one('Deployment', 'personapi')['spec']['template']['spec']['containers']
+    return container
+
+
+def container_port(container, port):
+    """A probe's or Service's port (a name or a number) as the container's port number."""
+    for declared in container['ports']:
+        if port in (declared['name'], declared['containerPort']):
+            return declared['containerPort']
+    raise AssertionError(f'{container["name"]} has no port {port!r}')
+
+
+def configmap():
+    return one('ConfigMap', 'personapi-config')['data']
+
+
+def test_every_object_is_labelled():
+    for doc in MANIFEST:
+        labels = doc['metadata']['labels']
+        assert labels[NAME] == 'personapi', doc['metadata']['name']
+        assert labels[COMPONENT] in ('api', 'mail'), doc['metadata']['name']
+
+
+def test_deployment_selectors_match_their_pods():
+    for deployment in objects('Deployment'):
+        selector = deployment['spec']['selector']['matchLabels']
+        assert selector.items() <= pod_labels(deployment).items()
+        assert selector[COMPONENT] == deployment['metadata']['labels'][COMPONENT]
+
+
+def test_each_service_selects_one_deployment_and_its_port():
+    for service in objects('Service'):
+        selector = service['spec']['selector'].items()
+        (target,) = [d for d in objects('Deployment') if selector <= pod_labels(d).items()]
+        (container,) = target['spec']['template']['spec']['containers']
+        for port in service['spec']['ports']:
+            container_port(container, port['targetPort'])
+
+
+def test_node_ports_are_the_readmes():
+    node_ports = {service['metadata']['name']: [p.get('nodePort') for p in service['spec']['ports']]
+                  for service in objects('Service')}
+    assert node_ports['personapi'] == [30001]
+    assert node_ports['mailpit-ui'] == [30025]
+
+
+def test_one_writer_on_the_sqlite_volume():
+    (claim,) = objects('PersistentVolumeClaim')
+    spec = one('Deployment', 'personapi')['spec']
+    assert claim['spec']['accessModes'] == ['ReadWriteOnce']
+    assert spec['replicas'] == 1
+    assert spec['strategy'] == {'type': 'Recreate'}
+
+
+def test_the_container_port_is_the_images():
+    bind = re.search(r'--bind 0\.0\.0\.0:(\d+)', DOCKERFILE)
+    exposed = re.search(r'^EXPOSE (\d+)$', DOCKERFILE, re.MULTILINE)
+    assert bind and exposed
+    assert container_port(api_container(), 'http') == int(bind[1]) == int(exposed[1])
+
+
+@pytest.mark.parametrize('engine', ['sqlite'], indirect=True)  # the deployment's engine
+@pytest.mark.parametrize('probe, path', [('readinessProbe', '/readyz'),
+                                         ('livenessProbe', '/healthz')])
+def test_probes_ask_the_apps_health_routes(client, probe, path):
+    check = api_container()[probe]['httpGet']
+    assert check['path'] == path
+    assert container_port(api_container(), check['port']) == 8000
+    assert client.get(path).status_int == 200
+
+
+def test_the_database_lives_on_the_claimed_volume():
+    url = urlsplit(configmap()['DATABASE_URL'])
+    assert url.scheme == 'sqlite'
+    database_dir = str(Path(url.path[1:]).parent)  # sqlite:////data/x.db: the path /data/x.db
+    mounts = {m['mountPath']: m['name'] for m in api_container()['volumeMounts']}
+    volumes = {v['name']: v for v in one('Deployment', 'personapi')['spec']['template']['spec']
+               ['volumes']}
+    claim = volumes[mounts[database_dir]]['persistentVolumeClaim']['claimName']
+    assert claim == objects('PersistentVolumeClaim')[0]['metadata']['name']
+
+
+def test_tmp_is_writable_on_the_read_only_root():
+    mounts = {m['mountPath']: m['name'] for m in api_container()['volumeMounts']}
+    volumes = {v['name']: v for v in one('Deployment', 'personapi')['spec']['template']['spec']
+               ['volumes']}
+    assert 'emptyDir' in volumes[mounts['/tmp']]
+
+
+def test_smtp_goes_to_the_mail_catcher():
+    service = one('Service', configmap()['SMTP_HOST'])
+    assert service['metadata']['labels'][COMPONENT] == 'mail'
+    assert [p['port'] for p in service['spec']['ports']] == [int(configmap()['SMTP_PORT'])]
+
+
+def test_the_manifest_sets_only_variables_the_app_reads():
+    container = api_container()
+    set_here = set(configmap()) | {variable['name'] for variable in container['env']}
+    assert set_here <= set(Config.variables())
+    assert [ref['configMapRef']['name'] for ref in container['envFrom']] == ['personapi-config']
+
+
+def test_every_variable_the_app_reads_is_documented():
+    missing = [name for name in Config.variables()
+               if not re.search(rf'\b{name}\b', MANIFEST_TEXT)]
+    assert not missing, f'deploy.yaml neither sets nor documents {missing}'
+
+
+def test_the_api_token_comes_from_an_optional_secret():
+    (token,) = [v for v in api_container()['env'] if v['name'] == 'API_TOKEN']
+    assert token['valueFrom']['secretKeyRef']['optional'] is True
+
+
+def test_the_pod_runs_as_the_images_user_locked_down():
+    uid = int(re.search(r'^USER (\d+)', DOCKERFILE, re.MULTILINE)[1])
+    pod = one('Deployment', 'personapi')['spec']['template']['spec']
+    container = api_container()['securityContext']
+    assert pod['automountServiceAccountToken'] is False
+    assert pod['securityContext']['runAsUser'] == container['runAsUser'] == uid
+    assert pod['securityContext']['fsGroup'] == uid
+    assert pod['securityContext']['runAsNonRoot'] and container['runAsNonRoot']
+    assert container['readOnlyRootFilesystem'] is True
+    assert container['allowPrivilegeEscalation'] is False
+    assert container['capabilities'] == {'drop': ['ALL']}
+    assert pod['securityContext']['seccompProfile'] == {'type': 'RuntimeDefault'}
