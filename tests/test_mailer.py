@@ -1,16 +1,19 @@
 """The welcome mail through the outbox, against a real SMTP server (aiosmtpd)."""
 
+import os
 import ssl
 import subprocess
+import sys
 import time
 
 import pytest
 from aiosmtpd.smtp import AuthResult
 
 import mailer
+import models
 from mailer import Courier, Smtp
 from models import Outbox
-from support import SmtpSink, free_port, wait_until
+from support import ROOT, SmtpSink, free_port, wait_until
 
 ADA = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
 
@@ -183,3 +186,18 @@ def test_a_bad_password_or_an_untrusted_certificate_sends_nothing_and_retries(
     secure_courier(config, secure_smtp, username='mailer', password=password).deliver_due()
     assert secure_smtp.received() == []
     assert outbox_row().status == Outbox.PENDING and outbox_row().attempts == 1
+
+
+def test_mailer_once_delivers_what_is_due_and_exits(client, database_url, smtp):
+    for number in range(3):
+        register(client, email=f'person{number}@example.com')
+    models.db.close()
+    env = {**os.environ, 'DATABASE_URL': database_url, 'SMTP_HOST': '127.0.0.1',
+           'SMTP_PORT': str(smtp.port)}
+    result = subprocess.run([sys.executable, 'mailer.py', '--once'], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert '3 mail(s) handled' in result.stdout
+    assert sorted(rcpt for rcpts, _ in smtp.received() for rcpt in rcpts) == [
+        f'person{number}@example.com' for number in range(3)]
+    assert Outbox.select().where(Outbox.status == Outbox.SENT).count() == 3

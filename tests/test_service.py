@@ -3,11 +3,14 @@
 import concurrent.futures
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 
-from support import Service, SmtpSink, free_port
+import models
+from support import ROOT, Service, SmtpSink, free_port
 
 
 def person(number):
@@ -125,3 +128,14 @@ def test_the_master_holds_no_database_connection_to_share_with_workers(service, 
         workers = [int(pid) for pid in children.read().split()]
     assert database_file not in open_files(master)
     assert any(database_file in open_files(worker) for worker in workers)
+
+
+def test_models_init_creates_the_schema_and_can_run_again(service_env):
+    models.db.drop_tables(models.MODELS)
+    models.db.close()
+    env = {**os.environ, 'DATABASE_URL': service_env['DATABASE_URL']}
+    for _ in range(2):  # idempotent
+        result = subprocess.run([sys.executable, 'models.py', 'init'], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    assert set(models.db.get_tables()) >= {'person', 'outbox'}
