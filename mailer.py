@@ -29,6 +29,7 @@ log = logging.getLogger('personapi.mailer')
 BATCH_SIZE = 10  # mails per SMTP session; small, so that several senders share a backlog
 POLL_SECONDS = 10.0  # without a wake-up, look for due mail (other replicas', retries) this often
 FIRST_RETRY_SECONDS = 1.0
+GATHER_SECONDS = 0.1
 # Control characters, lone surrogates, line and paragraph separators: each could end a
 # mail header early (header injection) or break the database's encoding.
 CONTROL_CATEGORIES = frozenset({'Cc', 'Cs', 'Zl', 'Zp'})
@@ -116,7 +117,8 @@ class Courier:
         self.senders = senders
         # Longer than one batch can take against a server that stalls every reply.
         self.lease_seconds = lease_seconds or 2 * BATCH_SIZE * smtp.timeout
-        self._wake = threading.Event()
+        self._wake = threading.Condition()
+        self._woken = False  # a commit since a sender last looked; guarded by _wake
         self._stopping = threading.Event()
         self._threads = []
 
@@ -141,19 +143,22 @@ class Courier:
         return any(thread.is_alive() for thread in self._threads)
 
     def wake(self):
-        self._wake.set()
+        """A mail was queued: one sender (not all of them) goes to look."""
+        with self._wake:
+            self._woken = True
+            self._wake.notify()
 
     def stop(self, timeout=None):
         """Finish the mails in hand, give the rest of the batches back, end the threads."""
         self._stopping.set()
-        self._wake.set()
+        with self._wake:
+            self._wake.notify_all()
         deadline = time.monotonic() + (timeout if timeout is not None else self.smtp.timeout + 5)
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
 
     def _run(self):
         while not self._stopping.is_set():
-            self._wake.clear()
             try:
                 models.skip_fsync_on_this_connection()
                 while self.deliver_due() == BATCH_SIZE and not self._stopping.is_set():
@@ -163,8 +168,19 @@ class Courier:
                 log.exception('mail delivery round failed')
                 _close_quietly()  # reconnect on the next round: the database may be back
                 pause = FIRST_RETRY_SECONDS
-            self._wake.wait(pause)
+            if self._wait_for_work(pause):
+                # Let the commits of the next moment join this one's batch: one SMTP
+                # session and one claim for many mails, not one each.
+                self._stopping.wait(GATHER_SECONDS)
         _close_quietly()
+
+    def _wait_for_work(self, pause):
+        """Wait until woken (True) or `pause` seconds pass (False)."""
+        with self._wake:
+            if not self._woken and not self._stopping.is_set():
+                self._wake.wait(pause)
+            woken, self._woken = self._woken, False
+        return woken
 
     def _seconds_until_due(self):
         due_at = Outbox.next_due_at()
@@ -179,24 +195,30 @@ class Courier:
                                 limit=BATCH_SIZE)
         if not rows:
             return 0
-        pending = list(rows)
+        sent, unsent = [], list(rows)
         try:
             with self.smtp.session() as smtp:
-                while pending and not self._stopping.is_set():
-                    self._send(smtp, pending[0])
-                    pending.pop(0)
+                while unsent and not self._stopping.is_set():
+                    if self._send(smtp, unsent[0]):
+                        sent.append(unsent[0].id)
+                    unsent.pop(0)
         except (OSError, smtplib.SMTPException) as error:
             log.warning('SMTP unavailable (%s); %d mail(s) will be retried',
-                        type(error).__name__, len(pending))
-            for row in pending:
+                        type(error).__name__, len(unsent))
+            for row in unsent:
                 self._retry(row, error)
-        else:
-            Outbox.release(claim, [row.id for row in pending])
+            unsent = []
+        finally:
+            # One write for the batch: a crash before it resends these mails, once each.
+            Outbox.mark_sent(sent)
+        Outbox.release(claim, [row.id for row in unsent])
         return len(rows)
 
     def _send(self, smtp, row):
+        """Send one mail; True if the server took it. A refusal is settled here."""
         try:
             smtp.send_message(compose(row, self.mail_from))
+            return True
         except PermanentFailure as error:
             self._give_up(row, error)
         except (smtplib.SMTPRecipientsRefused, smtplib.SMTPSenderRefused,
@@ -205,8 +227,7 @@ class Courier:
                 self._give_up(row, error)
             else:
                 self._retry(row, error)
-        else:
-            Outbox.mark_sent(row.id)
+        return False
 
     def _give_up(self, row, error):
         log.error('mail %d permanently rejected: %s', row.id, _describe(error))

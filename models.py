@@ -81,8 +81,9 @@ class Outbox(BaseModel):
         return cls.select(peewee.fn.MIN(cls.due_at)).where(cls.status == cls.PENDING).scalar()
 
     @classmethod
-    def mark_sent(cls, row_id):
-        cls._settle(cls.id == row_id, status=cls.SENT)
+    def mark_sent(cls, row_ids):
+        if row_ids:
+            cls._settle(cls.id.in_(row_ids), status=cls.SENT)
 
     @classmethod
     def mark_failed(cls, row_id, error):
