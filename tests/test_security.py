@@ -245,6 +245,12 @@ def test_sql_is_just_text(hardened, text):
     assert hardened.request('GET', f'/person/{body["id"]}')[2]['email'] == "o'reilly+x@example.com"
 
 
+def test_the_server_names_no_version(hardened):
+    _, headers, _ = hardened.request('GET', '/healthz')
+    assert headers['Server'] == 'gunicorn'
+    assert headers['X-Content-Type-Options'] == 'nosniff'
+
+
 def test_a_body_that_never_finishes_is_cut_off(hardened):
     body = as_json({})
     stalled = post_bytes(body)[:-10]  # announce the whole body, send all but its end
