@@ -114,7 +114,7 @@ _find_email_sql = None
 _insert_sql = {}
 # SQLite admits one writer; the threads of a process queue here first, where the next one
 # wakes at once, instead of in SQLite's busy handler, which sleeps up to 100 ms per try.
-_sqlite_writers = threading.Lock()
+_sqlite_writers = threading.RLock()  # re-entrant: a nested write becomes a savepoint
 
 
 def email_key(email):
