@@ -1,8 +1,8 @@
 """Welcome mail: queued in the outbox with its person, delivered over SMTP in the background.
 
-Each worker runs one Courier thread. Couriers claim due rows with a lease held in the
-database, so any number of workers and replicas send each mail once. `python mailer.py
---once` delivers what is due and exits.
+Each worker runs a Courier: MAIL_CONCURRENCY sender threads that claim due rows with a
+lease held in the database, so any number of workers and replicas send each mail once.
+`python mailer.py --once` delivers what is due and exits.
 """
 
 import contextlib
