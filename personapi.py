@@ -165,6 +165,10 @@ def _conflict():
                                description='email: another person already uses this address.')
 
 
+def _not_found(person_id):
+    return falcon.HTTPNotFound(description=f'No person has the id {person_id}.')
+
+
 # --- Resources ------------------------------------------------------------------------------
 
 class PersonCollection:
@@ -189,7 +193,7 @@ class PersonItem:
     def on_get(self, req, resp, person_id):
         row = models.find_email(person_id)
         if row is None:
-            raise falcon.HTTPNotFound(description=f'No person has the id {person_id}.')
+            raise _not_found(person_id)
         resp.media = {'id': row[0], 'email': row[1]}
 
     def on_put(self, req, resp, person_id):
@@ -204,7 +208,7 @@ class PersonItem:
         with models.write_transaction():
             deleted = Person.delete().where(Person.id == person_id).execute()
         if not deleted:
-            raise falcon.HTTPNotFound(description=f'No person has the id {person_id}.')
+            raise _not_found(person_id)
         resp.status = falcon.HTTP_204
 
     @staticmethod
@@ -213,7 +217,7 @@ class PersonItem:
             with models.write_transaction():
                 person = Person.get_or_none(Person.id == person_id)
                 if person is None:
-                    raise falcon.HTTPNotFound(description=f'No person has the id {person_id}.')
+                    raise _not_found(person_id)
                 for field, value in fields.items():
                     setattr(person, field, value)
                 if fields:
