@@ -108,10 +108,9 @@ class Outbox(BaseModel):
 
 MODELS = [Person, Outbox]
 
-# The hot paths' SQL, built once per bound database: peewee's query builder costs more than
-# running the statement (30 times more for the lookup by id).
-_find_email_sql = None
-_insert_sql = {}
+# The hot paths' SQL, built once per bound database (connect() empties it): peewee's query
+# builder costs more than running the statement (30 times more for the lookup by id).
+_statements = {}
 # SQLite admits one writer; the threads of a process queue here first, where the next one
 # wakes at once, instead of in SQLite's busy handler, which sleeps up to 100 ms per try.
 _sqlite_writers = threading.RLock()  # re-entrant: a nested write becomes a savepoint
@@ -126,20 +125,17 @@ def email_key(email):
 def connect(url):
     """Bind the models to the database at `url`; no connection is opened yet."""
     scheme = url.split(':', 1)[0].split('+', 1)[0]
+    in_url = db_url.parse(url)
     if scheme == 'sqlite':
         options = SQLITE_OPTIONS
-        path = db_url.parse(url)['database']
-        if path != ':memory:':
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        if in_url['database'] != ':memory:':
+            os.makedirs(os.path.dirname(os.path.abspath(in_url['database'])), exist_ok=True)
     else:
         options = SERVER_OPTIONS.get(scheme.replace('postgresql', 'postgres'), {})
     # Options spelled out in the URL's query string win over these defaults.
-    in_url = db_url.parse(url)
     database = db_url.connect(url, **{k: v for k, v in options.items() if k not in in_url})
     db.initialize(database)
-    global _find_email_sql
-    _find_email_sql = Person.select(Person.id, Person.email).where(Person.id == 0).sql()[0]
-    _insert_sql.clear()
+    _statements.clear()
     return database
 
 
@@ -147,9 +143,19 @@ def is_sqlite():
     return isinstance(db.obj, peewee.SqliteDatabase)
 
 
+def _statement(key, query):
+    """The SQL of `query()`, built on the first call for `key` since connect()."""
+    sql = _statements.get(key)
+    if sql is None:
+        sql = _statements[key] = query().sql()[0]
+    return sql
+
+
 def find_email(person_id):
     """The person's (id, email), or None."""
-    return db.execute_sql(_find_email_sql, (person_id,)).fetchone()
+    sql = _statement('find_email',
+                     lambda: Person.select(Person.id, Person.email).where(Person.id == 0))
+    return db.execute_sql(sql, (person_id,)).fetchone()
 
 
 def insert(model, **values):
@@ -157,9 +163,7 @@ def insert(model, **values):
     columns = model._meta.sorted_fields[1:]  # all but the primary key, in peewee's order
     row = {column: values[column.name] if column.name in values else _default(column)
            for column in columns}
-    sql = _insert_sql.get(model)
-    if sql is None:
-        sql = _insert_sql[model] = model.insert(row).sql()[0]
+    sql = _statement(model, lambda: model.insert(row))
     cursor = db.execute_sql(sql, [column.db_value(value) for column, value in row.items()])
     return cursor.fetchone()[0] if db.returning_clause else cursor.lastrowid
 
