@@ -289,14 +289,16 @@ class BodyTimeout:
         self._seconds = seconds
 
     def process_request(self, req, resp):
-        client = req.env.get('gunicorn.socket')
-        if client is not None and req.method in BODY_METHODS:
-            client.settimeout(self._seconds)
+        self._set(req, self._seconds)
 
     def process_response(self, req, resp, resource, req_succeeded):
+        self._set(req, None)
+
+    @staticmethod
+    def _set(req, seconds):
         client = req.env.get('gunicorn.socket')
         if client is not None and req.method in BODY_METHODS:
-            client.settimeout(None)
+            client.settimeout(seconds)
 
 
 class BearerToken:
