@@ -1,5 +1,6 @@
 """Real collaborators for the tests: an SMTP sink and a gunicorn service on loopback."""
 
+import asyncio
 import email
 import email.policy
 import json
@@ -53,7 +54,7 @@ class SmtpSink:
 
     async def handle_DATA(self, server, session, envelope):
         if self.delay:
-            time.sleep(self.delay)
+            await asyncio.sleep(self.delay)  # time.sleep would stall every other session
         if self.reply:
             return self.reply
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
