@@ -2,12 +2,13 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+PIP := $(BIN)/pip install --quiet --disable-pip-version-check
 
-.PHONY: run test fuzz mailsink deploy-check clean
+.PHONY: run test fuzz mailsink deploy-check bench clean
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
 	touch $@
 
 run: $(BIN)/.installed  ## serve the API on 127.0.0.1:8000 (SQLite in data/)
@@ -17,7 +18,7 @@ test: $(BIN)/.installed  ## the whole test suite
 	$(BIN)/pytest -q tests
 
 $(BIN)/.installed-fuzz: $(BIN)/.installed requirements-fuzz.txt
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements-fuzz.txt
+	$(PIP) -r requirements-fuzz.txt
 	touch $@
 
 fuzz: $(BIN)/.installed-fuzz  ## schemathesis against the service's own OpenAPI document
@@ -27,7 +28,7 @@ mailsink: $(BIN)/.installed  ## print every mail sent to localhost:1025
 	$(BIN)/python -m aiosmtpd -n -l localhost:1025
 
 $(BIN)/.installed-deploy: $(BIN)/.installed deploy/requirements.txt
-	$(BIN)/pip install --quiet --disable-pip-version-check -r deploy/requirements.txt
+	$(PIP) -r deploy/requirements.txt
 	touch $@
 
 deploy-check: $(BIN)/.installed-deploy  ## build and run the image, play deploy.yaml (as root)
@@ -36,9 +37,11 @@ deploy-check: $(BIN)/.installed-deploy  ## build and run the image, play deploy.
 clean:
 	rm -rf $(VENV) data .pytest_cache
 
-.PHONY: bench
-bench: $(BIN)/.installed  ## the service against bench/ceiling.py with wrk; writes bench/RESULTS.md
+$(BIN)/.installed-bench: $(BIN)/.installed bench/requirements.txt
+	$(PIP) -r bench/requirements.txt
+	touch $@
+
+bench: $(BIN)/.installed-bench  ## the service against bench/ceiling.py with wrk; writes bench/RESULTS.md
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk) \
 		|| { echo 'bench needs wrk: apt-get install wrk (as root)'; exit 1; }
-	$(BIN)/pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
