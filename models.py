@@ -15,6 +15,9 @@ from playhouse import db_url
 
 db = peewee.DatabaseProxy()
 
+MAX_NAME_LENGTH = 100
+MAX_EMAIL_LENGTH = 254  # RFC 5321's limit on a forward path
+
 # WAL lets readers run beside the writer; FULL makes every commit survive a power cut;
 # IMMEDIATE takes the write lock at BEGIN, so two writers queue on the busy timeout
 # instead of deadlocking and failing with "database is locked".
@@ -36,9 +39,9 @@ class BaseModel(peewee.Model):
 
 
 class Person(BaseModel):
-    first_name = peewee.CharField(max_length=100)
-    last_name = peewee.CharField(max_length=100)
-    email = peewee.CharField(max_length=254)
+    first_name = peewee.CharField(max_length=MAX_NAME_LENGTH)
+    last_name = peewee.CharField(max_length=MAX_NAME_LENGTH)
+    email = peewee.CharField(max_length=MAX_EMAIL_LENGTH)
     # See email_key(): its unique index makes the database itself refuse a second person
     # with the same address in another case.
     email_key = peewee.FixedCharField(max_length=64, unique=True)

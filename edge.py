@@ -1,0 +1,191 @@
+"""The HTTP edge: middleware every request crosses before and after its resource (request
+ids, security headers, body timeout, bearer token, rate limit, connection hand-back), and
+the JSON error serializer and handlers that turn every failure into the same error body.
+"""
+
+import hmac
+import ipaddress
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import time
+import uuid
+
+import falcon
+import limits
+import limits.storage
+import limits.strategies
+
+from models import db
+
+log = logging.getLogger('personapi')
+
+JSON = 'application/json'
+REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}\Z')
+WRITE_METHODS = frozenset({'POST', 'PUT', 'PATCH', 'DELETE'})
+BODY_METHODS = frozenset({'POST', 'PUT', 'PATCH'})
+OPEN_PATHS = frozenset({'/healthz', '/readyz', '/openapi.json'})  # never behind the token
+
+
+class RequestId:
+    """Accept a well-formed X-Request-ID or make one, and return it; logs quote it.
+
+    A made id is a random prefix, new in each process, and a counter: unique without the
+    cost of a uuid4 per request.
+    """
+
+    def __init__(self):
+        self._generator = (None, None, None)  # (pid, prefix, counter), replaced as one
+
+    def process_request(self, req, resp):
+        given = req.get_header('X-Request-ID')
+        req.context.request_id = given if given and REQUEST_ID.match(given) else self._make()
+
+    def _make(self):
+        pid, prefix, counter = self._generator
+        if pid != os.getpid():  # a forked worker must not repeat its parent's ids
+            pid, prefix, counter = os.getpid(), uuid.uuid4().hex[:12], itertools.count(1)
+            self._generator = (pid, prefix, counter)
+        return f'{prefix}-{next(counter)}'
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        resp.set_header('X-Request-ID', req.context.request_id)
+
+
+class SecurityHeaders:
+    """Responses are never sniffed as another type, and never cached: they hold personal data."""
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        resp.set_header('X-Content-Type-Options', 'nosniff')
+        resp.set_header('Cache-Control', 'no-store')
+
+
+class BodyTimeout:
+    """Cut off a client that stalls while sending a body: gunicorn's threads would wait forever."""
+
+    def __init__(self, seconds):
+        self._seconds = seconds
+
+    def process_request(self, req, resp):
+        self._set(req, self._seconds)
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        self._set(req, None)
+
+    @staticmethod
+    def _set(req, seconds):
+        client = req.env.get('gunicorn.socket')
+        if client is not None and req.method in BODY_METHODS:
+            client.settimeout(seconds)
+
+
+class BearerToken:
+    """With API_TOKEN set, every route but the open ones needs `Authorization: Bearer <token>`.
+
+    Checked before routing, so an unknown id without the token is 401, not 404.
+    """
+
+    def __init__(self, token):
+        self._token = token.encode()
+
+    def process_request(self, req, resp):
+        if req.path in OPEN_PATHS:
+            return
+        scheme, _, given = (req.get_header('Authorization') or '').partition(' ')
+        if scheme.lower() != 'bearer' or not hmac.compare_digest(given.strip().encode(),
+                                                                  self._token):
+            raise falcon.HTTPUnauthorized(title='Unauthorized',
+                                          description='Send Authorization: Bearer <token>.',
+                                          challenges=['Bearer'])
+
+
+def parse_networks(spec):
+    """gunicorn's forwarded_allow_ips syntax: comma-separated addresses or networks, or '*'."""
+    items = [item.strip() for item in spec.split(',') if item.strip()]
+    return [ipaddress.ip_network(item, strict=False) for item in items if item != '*'] + (
+        [ipaddress.ip_network('0.0.0.0/0'), ipaddress.ip_network('::/0')] if '*' in items else [])
+
+
+def client_address(req, trusted_proxies):
+    """The socket peer, or, when the peer is a trusted proxy, the nearest address in
+    X-Forwarded-For that is not one: a header from anyone else changes nothing."""
+    hops = [req.remote_addr] + [hop.strip() for hop in reversed(
+        (req.get_header('X-Forwarded-For') or '').split(','))]
+    for hop in hops:
+        try:
+            address = ipaddress.ip_address(hop)
+        except ValueError:
+            return hop  # not an address: the last trustworthy word about the client
+        if not any(address in network for network in trusted_proxies):
+            return hop
+    return hops[-1]
+
+
+class RateLimit:
+    """Writes per client address, counted by the `limits` library: 429 past the budget.
+
+    In-memory storage counts per worker process; a redis:// storage shares one budget
+    between every worker and replica.
+    """
+
+    def __init__(self, limit, storage_uri, trusted_proxies=()):
+        self._limit = limits.parse(limit)
+        self._limiter = limits.strategies.MovingWindowRateLimiter(
+            limits.storage.storage_from_string(storage_uri))
+        self._trusted_proxies = trusted_proxies
+
+    def process_request(self, req, resp):
+        if req.method not in WRITE_METHODS:
+            return
+        client = client_address(req, self._trusted_proxies)
+        try:
+            allowed = self._limiter.hit(self._limit, 'writes', client)
+        except Exception:  # storage unreachable: serve rather than refuse everyone
+            log.warning('rate limit storage unavailable (request %s)', req.context.request_id)
+            return
+        if not allowed:
+            reset_at = self._limiter.get_window_stats(self._limit, 'writes', client).reset_time
+            raise falcon.HTTPTooManyRequests(
+                description=f'At most {self._limit} writes per client; try again later.',
+                retry_after=max(1, math.ceil(reset_at - time.time())))
+
+
+def rate_limiting_enabled(limit):
+    return limit.strip().lower() not in ('', '0', 'off')
+
+
+class ConnectionPerRequest:
+    """Give a database server's connection back after each request (to its pool, if any).
+
+    SQLite keeps one connection per worker thread instead: opening one costs more than
+    the query it would serve.
+    """
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        if not db.is_closed():
+            db.close()
+
+
+def serialize_error(req, resp, exception):
+    body = exception.to_dict()
+    request_id = getattr(req.context, 'request_id', None)
+    if request_id:
+        body['request_id'] = request_id
+    resp.content_type = JSON
+    resp.data = json.dumps(body).encode()
+
+
+def handle_database_down(req, resp, error, params):
+    log.warning('database unavailable: %s (request %s)', type(error).__name__,
+                req.context.request_id)
+    raise falcon.HTTPServiceUnavailable(title='Database unavailable',
+                                        description='Try again shortly.', retry_after=5)
+
+
+def handle_unexpected(req, resp, error, params):
+    log.exception('unexpected error (request %s)', req.context.request_id)
+    raise falcon.HTTPInternalServerError(
+        description=f'Something went wrong; quote request id {req.context.request_id}.')
