@@ -1,7 +1,20 @@
-"""Every setting of the service, read from the environment in this one place."""
+"""Every setting of the service, read from the environment in this one place and checked
+when it is read: a bad value stops the service at start with one line naming it."""
 
 import dataclasses
+import email.policy
+import ipaddress
+import math
 import os
+import re
+import sys
+
+import limits
+import limits.storage
+
+
+class ConfigError(ValueError):
+    """A setting has a value the service cannot run with; the message names it."""
 
 
 def _flag(value):
@@ -16,26 +29,106 @@ def _flag(value):
 _PARSERS = {str: str, int: int, float: float, bool: _flag}
 
 
+def parse_networks(spec):
+    """gunicorn's forwarded_allow_ips syntax: comma-separated addresses or networks, or '*'."""
+    items = [item.strip() for item in spec.split(',') if item.strip()]
+    return [ipaddress.ip_network(item, strict=False) for item in items if item != '*'] + (
+        [ipaddress.ip_network('0.0.0.0/0'), ipaddress.ip_network('::/0')] if '*' in items else [])
+
+
+def rate_limiting_enabled(limit):
+    return limit.strip().lower() not in ('', '0', 'off')
+
+
+def parse_mail_from(mail_from):
+    """MAIL_FROM (`Name <address>` or a bare address) as (display name, ASCII address), or
+    None when it is not exactly one such address."""
+    if any(char in mail_from for char in '\r\n\0'):
+        return None
+    header = email.policy.default.header_factory('From', mail_from)
+    if header.defects or len(header.addresses) != 1:
+        return None
+    address = header.addresses[0]
+    if not (address.username and address.domain and address.addr_spec.isascii()):
+        return None
+    return address.display_name, address.addr_spec
+
+
+# --- Rules: each returns True when the value is acceptable ------------------------------------
+
+def _at_least(low):
+    return lambda value: math.isfinite(value) and value >= low
+
+
+def _positive(value):
+    return math.isfinite(value) and value > 0
+
+
+def _parses(parse):
+    def check(value):
+        try:
+            parse(value)
+        except (ValueError, TypeError):
+            return False
+        return True
+    return check
+
+
+def _rate_limit(value):
+    return not rate_limiting_enabled(value) or _parses(limits.parse)(value)
+
+
+def _storage(value):
+    return value.split('://', 1)[0] in limits.storage.SCHEMES and '://' in value
+
+
+DATABASE_SCHEMES = re.compile(r'(sqlite|postgres|postgresql|mysql)(\+pool)?://')
+
+
+def _setting(default, rule, check):
+    """A field whose value must pass `check`; `rule` says what is allowed, for the error."""
+    return dataclasses.field(default=default, metadata={'rule': rule, 'check': check})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The service's settings; each default is the one the README documents."""
 
-    database_url: str = 'sqlite:///data/persons.db'
-    smtp_host: str = 'localhost'
-    smtp_port: int = 1025
+    database_url: str = _setting('sqlite:///data/persons.db',
+                                 'a sqlite://, postgresql:// or mysql:// URL (+pool allowed)',
+                                 lambda value: bool(DATABASE_SCHEMES.match(value)))
+    smtp_host: str = _setting('localhost', 'a host name', lambda value: bool(value.strip()))
+    smtp_port: int = _setting(1025, 'a port from 1 to 65535', lambda value: 1 <= value <= 65535)
     smtp_username: str = ''
     smtp_password: str = ''
     smtp_starttls: bool = False
-    smtp_timeout: float = 10.0
-    mail_from: str = 'Person API <no-reply@personapi.local>'
-    mail_max_backoff: float = 60.0
-    mail_concurrency: int = 4  # SMTP sessions each worker sends on at once
-    rate_limit: str = '60/minute'
-    rate_limit_storage: str = 'memory://'
-    api_token: str = ''
-    body_timeout: float = 10.0  # seconds a client may stall while sending a body
-    forwarded_allow_ips: str = ''  # proxies whose X-Forwarded-For is believed; none by default
-    web_concurrency: int = 0  # gunicorn workers; 0: one per CPU core
+    smtp_timeout: float = _setting(10.0, 'more than 0 seconds', _positive)
+    mail_from: str = _setting('Person API <no-reply@personapi.local>',
+                              'one address, as "Name <user@example.com>" or user@example.com',
+                              lambda value: parse_mail_from(value) is not None)
+    mail_max_backoff: float = _setting(60.0, 'at least 1 second', _at_least(1))
+    mail_concurrency: int = _setting(4, 'at least 1', _at_least(1))  # SMTP sessions per worker
+    mail_give_up_after: float = _setting(3 * 24 * 3600.0, 'more than 0 seconds', _positive)
+    mail_failed_retention: float = _setting(7 * 24 * 3600.0, 'more than 0 seconds', _positive)
+    rate_limit: str = _setting('60/minute', 'off, or a limit such as 60/minute', _rate_limit)
+    rate_limit_storage: str = _setting('memory://', 'memory:// or redis://host:port/db',
+                                       _storage)
+    api_token: str = _setting('', 'empty, or visible ASCII characters without spaces',
+                              lambda value: value == '' or (value.isascii() and value.isprintable()
+                                                            and ' ' not in value))
+    body_timeout: float = _setting(10.0, 'more than 0 seconds', _positive)
+    # Proxies whose X-Forwarded-For is believed; none by default.
+    forwarded_allow_ips: str = _setting('', "addresses or networks, comma-separated, or '*'",
+                                        _parses(parse_networks))
+    web_concurrency: int = _setting(0, '0 (one per core) or more', _at_least(0))
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            check = field.metadata.get('check')
+            value = getattr(self, field.name)
+            if check and not check(value):
+                raise ConfigError(f'{field.name.upper()}={value!r} is not valid: '
+                                  f'expected {field.metadata["rule"]}')
 
     @classmethod
     def from_env(cls, environ=None):
@@ -50,8 +143,19 @@ class Config:
             try:
                 values[field.name] = _PARSERS[field.type](raw)
             except ValueError:
-                raise ValueError(f'{name}={raw!r} is not a valid {field.type.__name__}') from None
+                raise ConfigError(f'{name}={raw!r} is not valid: expected '
+                                  f'{field.metadata.get("rule", "a " + field.type.__name__)}'
+                                  ) from None
         return cls(**values)
+
+    @classmethod
+    def from_env_or_exit(cls):
+        """The settings, or exit with one line naming the bad one (for the entry points)."""
+        try:
+            return cls.from_env()
+        except ConfigError as error:
+            print(f'personapi: {error}', file=sys.stderr)
+            sys.exit(2)
 
     @classmethod
     def variables(cls):

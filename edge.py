@@ -102,13 +102,6 @@ class BearerToken:
                                           challenges=['Bearer'])
 
 
-def parse_networks(spec):
-    """gunicorn's forwarded_allow_ips syntax: comma-separated addresses or networks, or '*'."""
-    items = [item.strip() for item in spec.split(',') if item.strip()]
-    return [ipaddress.ip_network(item, strict=False) for item in items if item != '*'] + (
-        [ipaddress.ip_network('0.0.0.0/0'), ipaddress.ip_network('::/0')] if '*' in items else [])
-
-
 def client_address(req, trusted_proxies):
     """The socket peer, or, when the peer is a trusted proxy, the nearest address in
     X-Forwarded-For that is not one: a header from anyone else changes nothing."""
@@ -151,10 +144,6 @@ class RateLimit:
             raise falcon.HTTPTooManyRequests(
                 description=f'At most {self._limit} writes per client; try again later.',
                 retry_after=max(1, math.ceil(reset_at - time.time())))
-
-
-def rate_limiting_enabled(limit):
-    return limit.strip().lower() not in ('', '0', 'off')
 
 
 class ConnectionPerRequest:

@@ -9,7 +9,7 @@ import sys
 
 from config import Config
 
-app_config = Config.from_env()  # not "config": gunicorn reads that name as a setting
+app_config = Config.from_env_or_exit()  # not "config": gunicorn reads that name as a setting
 
 wsgi_app = 'personapi:app'
 bind = '127.0.0.1:8000'
@@ -47,10 +47,11 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr,
 def on_starting(server):
     """Create the schema in the master, once, before any worker exists."""
     import models
-    from config import Config
 
-    models.connect(Config.from_env().database_url)
+    models.connect(app_config.database_url)
     models.create_schema()
+    with models.db.connection_context():
+        models.truncate_wal()  # what a crash left of an erasure in the WAL goes now
 
 
 def post_worker_init(worker):

@@ -22,7 +22,9 @@ MAX_EMAIL_LENGTH = 254  # RFC 5321's limit on a forward path
 # IMMEDIATE takes the write lock at BEGIN, so two writers queue on the busy timeout
 # instead of deadlocking and failing with "database is locked".
 SQLITE_OPTIONS = {
-    'pragmas': {'journal_mode': 'wal', 'synchronous': 'full', 'foreign_keys': 1},
+    # secure_delete zeroes what a DELETE removes, so an erased person leaves no bytes behind.
+    'pragmas': {'journal_mode': 'wal', 'synchronous': 'full', 'foreign_keys': 1,
+                'secure_delete': 1},
     'timeout': 15,
     'lock_type': 'IMMEDIATE',
 }
@@ -48,28 +50,35 @@ class Person(BaseModel):
 
 
 class Outbox(BaseModel):
-    """One welcome mail waiting to be sent; written in the same transaction as its person."""
+    """One welcome mail to send, written in the same transaction as its person.
 
-    PENDING, SENT, FAILED = 'pending', 'sent', 'failed'
+    It names the person, never copies them: the mail goes to the address and names the
+    person has when it is sent, and deleting the person deletes the mail (no mail after
+    an erasure). A sent mail's row is deleted; a failed one is kept, without personal data,
+    for MAIL_FAILED_RETENTION.
+    """
 
-    recipient = peewee.CharField(max_length=254)
-    first_name = peewee.CharField(max_length=100)
-    last_name = peewee.CharField(max_length=100)
+    PENDING, FAILED = 'pending', 'failed'
+
+    person = peewee.ForeignKeyField(Person, on_delete='CASCADE', index=True)
     status = peewee.CharField(max_length=8, default=PENDING)
+    created_at = peewee.DoubleField(default=time.time)  # the give-up clock starts here
     # When the row may next be claimed: a claim moves it forward by the lease, so a
     # sender that dies mid-send gives the row back when the lease runs out.
     due_at = peewee.DoubleField(default=time.time)
     attempts = peewee.IntegerField(default=0)
     claim = peewee.CharField(max_length=32, default='')
     last_error = peewee.CharField(max_length=200, default='')
+    failed_at = peewee.DoubleField(null=True)
 
     class Meta:
         indexes = ((('status', 'due_at'), False),)
 
     @classmethod
     def claim_due(cls, claim, *, now, lease, limit):
-        """Lease up to `limit` due rows to `claim`: one conditional UPDATE, so two senders
-        racing for a row cannot both win it, on any engine."""
+        """Lease up to `limit` due mails to `claim`: one conditional UPDATE, so two senders
+        racing for a row cannot both win it, on any engine. Returns the claimed rows with
+        their person's current address and names (`row.person`)."""
         due = [row_id for (row_id,) in cls.select(cls.id).where(
             cls.status == cls.PENDING, cls.due_at <= now).order_by(cls.due_at).limit(limit).tuples()]
         if not due:
@@ -77,34 +86,60 @@ class Outbox(BaseModel):
         with write_transaction():
             cls.update(claim=claim, due_at=now + lease, attempts=cls.attempts + 1).where(
                 cls.id.in_(due), cls.status == cls.PENDING, cls.due_at <= now).execute()
-        return list(cls.select().where(cls.id.in_(due), cls.claim == claim).order_by(cls.id))
+        return list(cls.select(cls, Person).join(Person).where(
+            cls.id.in_(due), cls.claim == claim).order_by(cls.id))
 
     @classmethod
     def next_due_at(cls):
         return cls.select(peewee.fn.MIN(cls.due_at)).where(cls.status == cls.PENDING).scalar()
 
     @classmethod
-    def mark_sent(cls, row_ids):
-        if row_ids:
-            cls._settle(cls.id.in_(row_ids), status=cls.SENT)
+    def settle(cls, claim, *, sent=(), extend_to=None):
+        """Delete the `sent` mails; move the lease of the rest of `claim` to `extend_to`."""
+        if not sent and extend_to is None:
+            return
+        with write_transaction():
+            if sent:
+                cls.delete().where(cls.id.in_(list(sent))).execute()
+            if extend_to is not None:
+                cls.update(due_at=extend_to).where(cls.claim == claim).execute()
 
     @classmethod
     def mark_failed(cls, row_id, error):
-        cls._settle(cls.id == row_id, status=cls.FAILED, last_error=error[:200])
+        cls._end_claim(cls.id == row_id, status=cls.FAILED, failed_at=time.time(),
+                       last_error=error[:200])
 
     @classmethod
     def reschedule(cls, row_id, due_at, error):
-        cls._settle(cls.id == row_id, due_at=due_at, last_error=error[:200])
+        cls._end_claim(cls.id == row_id, due_at=due_at, last_error=error[:200])
 
     @classmethod
     def release(cls, claim, row_ids):
         """Hand back claimed rows that were not tried (the sender is stopping)."""
         if row_ids:
-            cls._settle(cls.id.in_(row_ids) & (cls.claim == claim), due_at=time.time())
+            cls._end_claim(cls.id.in_(row_ids) & (cls.claim == claim), due_at=time.time())
 
     @classmethod
-    def _settle(cls, which, **changes):
-        """End a claim on the rows `which` selects, with `changes`."""
+    def retry_failed(cls, row_ids=None):
+        """Make failed mails (all, or those of `row_ids`) pending again, due now; returns
+        how many. Their give-up clock starts afresh."""
+        which = cls.status == cls.FAILED
+        if row_ids is not None:
+            which &= cls.id.in_(list(row_ids))
+        now = time.time()
+        with write_transaction():
+            return cls.update(status=cls.PENDING, due_at=now, created_at=now, attempts=0,
+                              failed_at=None, claim='').where(which).execute()
+
+    @classmethod
+    def purge_failed(cls, older_than):
+        """Delete the failed mails that failed before `older_than`; returns how many."""
+        with write_transaction():
+            return cls.delete().where(cls.status == cls.FAILED,
+                                      cls.failed_at < older_than).execute()
+
+    @classmethod
+    def _end_claim(cls, which, **changes):
         with write_transaction():
             cls.update(claim='', **changes).where(which).execute()
 
@@ -184,6 +219,36 @@ def write_transaction():
     else:
         with db.atomic():
             yield
+
+
+_erasure_unfinished = False  # a person was deleted and the WAL may still hold their bytes
+
+
+def erase_traces():
+    """Call after a person's deletion commits. On SQLite, secure_delete has zeroed the rows'
+    bytes in the pages, but the WAL still holds the pages as they were: checkpoint it into
+    the database file and truncate it. If readers keep it busy, the courier's housekeeping
+    tries again within a minute (finish_erasures)."""
+    global _erasure_unfinished
+    _erasure_unfinished = True
+    finish_erasures()
+
+
+def finish_erasures():
+    global _erasure_unfinished
+    if _erasure_unfinished and is_sqlite():
+        _erasure_unfinished = not truncate_wal()
+    else:
+        _erasure_unfinished = False
+
+
+def truncate_wal():
+    """On SQLite, copy the WAL into the database file and empty it; True when done."""
+    if not is_sqlite():
+        return True
+    with _sqlite_writers:  # this process's writers queue here rather than in the busy handler
+        busy, _, _ = db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+    return not busy
 
 
 def skip_fsync_on_this_connection():

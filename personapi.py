@@ -15,11 +15,10 @@ import peewee
 
 import mailer
 import models
-from config import Config
 from docs import JSON, MERGE_PATCH, PERSON_FIELDS, OpenAPI, openapi_document
+from config import Config, parse_networks, rate_limiting_enabled
 from edge import (BearerToken, BodyTimeout, ConnectionPerRequest, RateLimit, RequestId,
-                  SecurityHeaders, handle_database_down, handle_unexpected, parse_networks,
-                  rate_limiting_enabled, serialize_error)
+                  SecurityHeaders, handle_database_down, handle_unexpected, serialize_error)
 from models import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, Person, db
 
 MAX_BODY_BYTES = 64 * 1024
@@ -99,6 +98,8 @@ def clean_email(value):
         raise _invalid('email', 'must be a string')
     if len(value) > MAX_EMAIL_LENGTH:
         raise _invalid('email', f'must be at most {MAX_EMAIL_LENGTH} characters long')
+    if mailer.looks_encoded(value):  # no mailbox needs it, and a mail client would decode it
+        raise _invalid('email', 'must not contain "=?"')
     try:
         return email_validator.validate_email(value, check_deliverability=False).normalized
     except email_validator.EmailNotValidError as error:
@@ -163,7 +164,7 @@ class PersonCollection:
         try:
             with models.write_transaction():
                 person_id = models.insert(Person, **fields)
-                mailer.enqueue_welcome(fields)
+                mailer.enqueue_welcome(person_id)
         except peewee.IntegrityError:
             raise _conflict()
         self._courier.wake()
@@ -192,6 +193,7 @@ class PersonItem:
             deleted = Person.delete().where(Person.id == person_id).execute()
         if not deleted:
             raise _not_found(person_id)
+        models.erase_traces()
         resp.status = falcon.HTTP_204
 
     @staticmethod

@@ -1,6 +1,7 @@
 """Real collaborators for the tests: an SMTP sink and a gunicorn service on loopback."""
 
 import asyncio
+import collections
 import email
 import email.policy
 import json
@@ -36,30 +37,60 @@ def wait_until(predicate, timeout=10.0, interval=0.05):
         time.sleep(interval)
 
 
-class SmtpSink:
-    """An aiosmtpd server that keeps every message it accepts.
+Mail = collections.namedtuple('Mail', 'rcpt_tos message mail_from raw')
 
-    `reply` replaces the answer to DATA (e.g. '550 rejected'); `delay` holds each DATA.
+
+class SmtpSink:
+    """An aiosmtpd server that keeps every message it accepts: envelope, raw bytes, parsed.
+
+    Like `make mailsink` and most relays it offers no SMTPUTF8 unless `smtputf8=True`.
+    Knobs, which may change while it runs: `reply` answers DATA (e.g. '550 rejected'),
+    `mail_reply` answers MAIL FROM (e.g. '530 authentication required'), `refuse` maps a
+    recipient to its RCPT answer, `delay` holds every reply to EHLO, MAIL, RCPT and DATA.
     """
 
-    def __init__(self, port=None, **controller_options):
+    def __init__(self, port=None, smtputf8=False, **controller_options):
         self.messages = []
-        self.reply = None
+        self.reply = self.mail_reply = None
+        self.refuse = {}
         self.delay = 0.0
         self._lock = threading.Lock()
         self.port = port or free_port()
-        controller_options.setdefault('enable_SMTPUTF8', True)  # as real servers do
         self._controller = Controller(self, hostname='127.0.0.1', port=self.port,
-                                      **controller_options)
+                                      enable_SMTPUTF8=smtputf8, **controller_options)
 
-    async def handle_DATA(self, server, session, envelope):
+    async def _wait(self):
         if self.delay:
             await asyncio.sleep(self.delay)  # time.sleep would stall every other session
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        await self._wait()
+        session.host_name = hostname
+        return responses
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        await self._wait()
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return '250 OK'
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        await self._wait()
+        if address in self.refuse:
+            return self.refuse[address]
+        envelope.rcpt_tos.append(address)
+        return '250 OK'
+
+    async def handle_DATA(self, server, session, envelope):
+        await self._wait()
         if self.reply:
             return self.reply
-        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        raw = envelope.original_content
+        message = email.message_from_bytes(raw, policy=email.policy.default)
         with self._lock:
-            self.messages.append((envelope.rcpt_tos, message))
+            self.messages.append(Mail(list(envelope.rcpt_tos), message, envelope.mail_from, raw))
         return '250 OK'
 
     def start(self):
@@ -73,9 +104,35 @@ class SmtpSink:
         with self._lock:
             return list(self.messages)
 
+    def recipients(self):
+        return sorted(rcpt for mail in self.received() for rcpt in mail.rcpt_tos)
+
     def wait_for(self, count, timeout=10.0):
         return len(wait_until(lambda: len(self.received()) >= count and self.received(),
                               timeout) or [])
+
+
+class RefusingRelay:
+    """An SMTP server that greets every connection with `greeting` (e.g. '554 no service')
+    and hangs up: what a relay out of service or refusing this client says."""
+
+    def __init__(self, greeting):
+        self.greeting = greeting
+        self._server = socket.create_server(('127.0.0.1', 0))
+        self.port = self._server.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            with client:
+                client.sendall(f'{self.greeting}\r\n'.encode())
+
+    def stop(self):
+        self._server.close()
 
 
 def http(method, url, body=None, headers=None, timeout=10.0):
