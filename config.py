@@ -85,6 +85,18 @@ def _storage(value):
 DATABASE_SCHEMES = re.compile(r'(sqlite|postgres|postgresql|mysql)(\+pool)?://')
 
 
+def _invalid(field, shown):
+    rule = field.metadata.get('rule', f'a {field.type.__name__}')
+    return ConfigError(f'{field.name.upper()}={shown!r} is not valid: expected {rule}')
+
+
+def _check(field, value, shown=None):
+    """Raise ConfigError naming the variable when `value` breaks its field's rule."""
+    check = field.metadata.get('check')
+    if check and not check(value):
+        raise _invalid(field, value if shown is None else shown)
+
+
 def _setting(default, rule, check):
     """A field whose value must pass `check`; `rule` says what is allowed, for the error."""
     return dataclasses.field(default=default, metadata={'rule': rule, 'check': check})
@@ -124,11 +136,7 @@ class Config:
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
-            check = field.metadata.get('check')
-            value = getattr(self, field.name)
-            if check and not check(value):
-                raise ConfigError(f'{field.name.upper()}={value!r} is not valid: '
-                                  f'expected {field.metadata["rule"]}')
+            _check(field, getattr(self, field.name))
 
     @classmethod
     def from_env(cls, environ=None):
@@ -136,16 +144,14 @@ class Config:
         environ = os.environ if environ is None else environ
         values = {}
         for field in dataclasses.fields(cls):
-            name = field.name.upper()
-            raw = environ.get(name, '')
+            raw = environ.get(field.name.upper(), '')
             if raw == '':
                 continue
             try:
                 values[field.name] = _PARSERS[field.type](raw)
             except ValueError:
-                raise ConfigError(f'{name}={raw!r} is not valid: expected '
-                                  f'{field.metadata.get("rule", "a " + field.type.__name__)}'
-                                  ) from None
+                raise _invalid(field, raw) from None
+            _check(field, values[field.name], raw)
         return cls(**values)
 
     @classmethod

@@ -293,7 +293,7 @@ def main(argv):
         sys.exit('usage: python models.py init')
     from config import Config
 
-    connect(Config.from_env().database_url)
+    connect(Config.from_env_or_exit().database_url)
     create_schema()
     print('schema ready')
 

@@ -138,3 +138,52 @@ def test_models_init_creates_the_schema_and_can_run_again(service_env):
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
     assert set(models.db.get_tables()) >= {'person', 'outbox'}
+
+
+# --- Mail, end to end -----------------------------------------------------------------------
+
+def test_hostile_names_reach_the_relay_as_plain_text_in_one_mail_each(service, smtp):
+    from test_mailer import HOSTILE_NAMES, assert_one_faithful_mail
+
+    for number, name in enumerate(HOSTILE_NAMES):
+        body = {'first_name': name, 'last_name': 'X', 'email': f'hostile{number}@example.com'}
+        assert service.request('POST', '/person', body)[0] == 201
+        assert smtp.wait_for(1) == 1
+        assert_one_faithful_mail(smtp, body)
+        smtp.messages.clear()
+
+
+def test_no_mail_reaches_a_person_deleted_while_smtp_was_down(service_env, tmp_path):
+    sink = SmtpSink(port=free_port())  # not started yet: connections are refused
+    service = Service({**service_env, 'SMTP_PORT': str(sink.port)},
+                      log_path=tmp_path / 'gunicorn.log').start()
+    try:
+        kept = service.request('POST', '/person', person(1))[2]['id']
+        deleted = service.request('POST', '/person', person(2))[2]['id']
+        assert service.request('DELETE', f'/person/{deleted}')[0] == 204
+        sink.start()
+        assert sink.wait_for(1, timeout=20) == 1
+        time.sleep(6)  # past the next poll: the deleted person's mail would arrive now
+        assert sink.recipients() == [person(1)['email']]
+        assert service.request('GET', f'/person/{kept}')[0] == 200
+    finally:
+        service.kill()
+        sink.stop()
+
+
+def test_a_relay_refusing_mail_from_for_a_while_loses_nothing(service_env, tmp_path):
+    sink = SmtpSink().start()
+    sink.mail_reply = '530 5.7.0 Authentication required'
+    log_path = tmp_path / 'gunicorn.log'
+    service = Service({**service_env, 'SMTP_PORT': str(sink.port)}, log_path=log_path).start()
+    try:
+        for number in range(5):
+            assert service.request('POST', '/person', person(number))[0] == 201
+        time.sleep(3)
+        assert sink.received() == []
+        sink.mail_reply = None  # the relay is fixed
+        assert sink.wait_for(5, timeout=20) == 5
+    finally:
+        service.kill()
+        sink.stop()
+    assert 'SMTPSenderRefused 530' in log_path.read_text()
