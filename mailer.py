@@ -334,6 +334,9 @@ class Courier:
         except (OSError, smtplib.SMTPException) as error:  # MAIL FROM refused, connection lost
             batch.unsent.insert(0, row)
             raise RelayFailure() from error
+        except Exception as error:  # this mail's own: settle it, and resynchronise the session
+            self._give_up(row, describe_unexpected(error))
+            return smtp.rset()
         batch.sent.append(row.id)
 
     def _give_up(self, row, reason):
