@@ -41,7 +41,7 @@ $(BIN)/.installed-bench: $(BIN)/.installed bench/requirements.txt
 	$(PIP) -r bench/requirements.txt
 	touch $@
 
-bench: $(BIN)/.installed-bench  ## the service against bench/ceiling.py with wrk; writes bench/RESULTS.md
+bench: $(BIN)/.installed-bench  ## the service against the ceilings of bench/ceiling.py with wrk; writes bench/RESULTS.md, bench/results.png
 	@command -v wrk >/dev/null || apt-get install -y -q wrk || (apt-get update -q && apt-get install -y -q wrk) \
 		|| { echo 'bench needs wrk: apt-get install wrk (as root)'; exit 1; }
 	$(BIN)/python bench/run.py $(BENCH_ARGS)

@@ -121,6 +121,9 @@ def fresh_copy(template):
     for suffix in ('', '-wal', '-shm'):
         Path(f'{target}{suffix}').unlink(missing_ok=True)
     shutil.copyfile(template, target)
+    # Written out now: the kernel flushing a large copy would weigh on the first app's run.
+    with open(target, 'rb+') as copy:
+        os.fsync(copy.fileno())
     return target
 
 
@@ -473,7 +476,9 @@ def draw(results, path, subtitle):
         axes.bar_label(bars, [f'{result.rows[app.name]["rps"]:,.0f}'
                               + (f'\n{ratio_text(result, app.name)}×' if app.name in result.ratios
                                  else '') for result in ran], fontsize=8)
-    axes.set_xticks(range(len(results)), [result.scenario.title for result in results])
+    axes.set_xticks(range(len(results)),
+                    [f'{result.scenario.title}\n(ratio: × {result.scenario.baseline.name})'
+                     for result in results])
     axes.set_ylabel('requests per second')
     axes.set_title(f'personapi against the ceilings ({subtitle})')
     axes.legend()
@@ -544,14 +549,14 @@ def parse(argv):
                         help='leave RESULTS.md and results.png as they are (the chart goes '
                              'to bench/work/)')
     parser.add_argument('--quick', action='store_true',
-                        help='one round of 3 s, 100,000 persons in get-1m: a smoke test of '
-                             'the bench, whose figures mean little; implies --no-results')
+                        help='by default one round of 3 s, 100,000 persons in get-1m: a smoke '
+                             'test of the bench, whose figures mean little; implies --no-results')
     parser.add_argument('--profile', action='store_true',
                         help='sample the service with py-spy instead of measuring')
     args = parser.parse_args(argv)
-    if args.quick:
-        args.rounds, args.seconds, args.warmup, args.large = 1, 3, 1, 100_000
-        args.no_results = True
+    if args.quick:  # its figures, unless given
+        parser.set_defaults(rounds=1, seconds=3, warmup=1, large=100_000, no_results=True)
+        args = parser.parse_args(argv)
     chosen = [s for s in scenarios(args.large) if not args.only or s.key in args.only.split(',')]
     return args, chosen
 
