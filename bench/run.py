@@ -11,6 +11,7 @@ the same round. Prints the tables and writes them into bench/RESULTS.md between 
     python bench/run.py --quick              # a few seconds per scenario: a smoke test only
     python bench/run.py --only get --no-results --gunicorn-args='--worker-class sync'
     python bench/run.py --profile            # py-spy on the service's workers instead
+    python bench/run.py --profile mail --only post  # ... or on a ceiling's
 
 A scenario is one entry of scenarios(): its load, its apps (an App is a settings file, an
 optional application and extra environment), and the one the others are compared with.
@@ -57,6 +58,7 @@ RATE_LIMIT = '1000000/second'
 
 @dataclasses.dataclass(frozen=True)
 class App:
+    key: str
     name: str
     conf: str  # gunicorn settings file
     wsgi: str = ''  # the application, when not the settings file's
@@ -64,9 +66,11 @@ class App:
     env: tuple = ()  # (name, value) pairs added to its environment
 
 
-BARE = App('bare ceiling', 'bench/gunicorn_ceiling.conf.py')
-MAIL = App('mail ceiling', 'bench/gunicorn_ceiling.conf.py', 'bench.ceiling:mail_app', mails=True)
-SERVICE = App('personapi', 'gunicorn.conf.py', mails=True)
+BARE = App('bare', 'bare ceiling', 'bench/gunicorn_ceiling.conf.py')
+MAIL = App('mail', 'mail ceiling', 'bench/gunicorn_ceiling.conf.py', 'bench.ceiling:mail_app',
+           mails=True)
+SERVICE = App('service', 'personapi', 'gunicorn.conf.py', mails=True)
+APPS = {app.key: app for app in (BARE, MAIL, SERVICE)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -489,16 +493,22 @@ def draw(results, path, subtitle):
 
 # --- Profile --------------------------------------------------------------------------------
 
-def profile(scenario, template, sink, args):
-    """Sample every service worker with py-spy during one run; print where the time goes."""
-    database, raw = fresh_copy(template), WORK / f'profile-{scenario.key}.txt'
+PROFILE_RATE = 200  # samples per second and process
+
+
+def profile(app, scenario, template, sink, args):
+    """Sample every worker of `app` with py-spy during one run; print where the time goes."""
+    label = f'profile-{app.key}-{scenario.key}'
+    database, raw = fresh_copy(template), WORK / f'{label}.txt'
     sink.reset(scenario.smtp_delay)
-    with serve(SERVICE, database, sink.port, args.gunicorn_args, f'profile-{scenario.key}') \
-            as server:
+    with serve(app, database, sink.port, args.gunicorn_args, label) as server:
         wrk(server, scenario, args.warmup, 'pw')
         workers = workers_of(server.process.pid)
-        spy = subprocess.Popen([str(BIN / 'py-spy'), 'record', '--subprocesses', '--nonblocking',
-                                '-r', '200', '-f', 'raw', '-o', str(raw), '-d', str(args.seconds),
+        # --gil: only the thread that holds the GIL, so a sample is a moment of Python running
+        # (not of a thread waiting for a socket, a lock or an fsync).
+        spy = subprocess.Popen([str(BIN / 'py-spy'), 'record', '--subprocesses', '--gil',
+                                '--nonblocking', '-r', str(PROFILE_RATE), '-f', 'raw',
+                                '-o', str(raw), '-d', str(args.seconds),
                                 '-p', str(server.process.pid)], stdout=subprocess.DEVNULL)
         try:
             before = cpu_seconds(workers)
@@ -506,10 +516,10 @@ def profile(scenario, template, sink, args):
             cpu_us = 1e6 * (cpu_seconds(workers) - before) / max(run['requests'], 1)
         finally:
             spy.wait(args.seconds + 30)
-    print_profile(scenario, raw, run['requests'], cpu_us)
+    print_profile(app, scenario, raw, run['requests'], cpu_us)
 
 
-def print_profile(scenario, raw, requests, cpu_us):
+def print_profile(app, scenario, raw, requests, cpu_us):
     own, total, samples = collections.Counter(), collections.Counter(), 0
     for line in raw.read_text().splitlines():
         stack, count = line.rsplit(' ', 1)
@@ -523,13 +533,13 @@ def print_profile(scenario, raw, requests, cpu_us):
         own[frames[-1]] += int(count)
         for frame in set(frames):
             total[frame] += int(count)
-    # A frame's share of the samples, applied to the workers' measured CPU time per request.
-    print(f'\n## {scenario.title}: {requests} requests, {cpu_us:.0f} µs of workers\' CPU per '
-          f'request; {samples} samples of busy threads in all workers')
+    per_request = 1e6 / PROFILE_RATE / max(requests, 1)  # µs a sample stands for, per request
+    print(f'\n## {app.name}, {scenario.title}: {requests} requests; per request, {cpu_us:.0f} µs of the '
+          f'workers\' CPU, {samples * per_request:.0f} µs of it running Python')
     for title, counter in (('own time', own), ('with callees', total)):
-        print(f'  {title}:')
+        print(f'  {title} (% of the Python time, µs per request):')
         for frame, count in counter.most_common(40):
-            print(f'    {100 * count / samples:5.1f}% {cpu_us * count / samples:6.0f} µs  {frame}')
+            print(f'    {100 * count / samples:5.1f}% {count * per_request:6.0f} µs  {frame}')
 
 
 # --- Main -----------------------------------------------------------------------------------
@@ -551,8 +561,9 @@ def parse(argv):
     parser.add_argument('--quick', action='store_true',
                         help='by default one round of 3 s, 100,000 persons in get-1m: a smoke '
                              'test of the bench, whose figures mean little; implies --no-results')
-    parser.add_argument('--profile', action='store_true',
-                        help='sample the service with py-spy instead of measuring')
+    parser.add_argument('--profile', nargs='?', const=SERVICE.key, choices=APPS,
+                        help='sample this app (default: the service) with py-spy instead of '
+                             'measuring')
     args = parser.parse_args(argv)
     if args.quick:  # its figures, unless given
         parser.set_defaults(rounds=1, seconds=3, warmup=1, large=100_000, no_results=True)
@@ -577,7 +588,7 @@ def main(argv):
     try:
         if args.profile:
             for scenario in chosen:
-                profile(scenario, templates[scenario.persons], sink, args)
+                profile(APPS[args.profile], scenario, templates[scenario.persons], sink, args)
             return
         results = [run_scenario(scenario, templates[scenario.persons], sink, args)
                    for scenario in chosen]
