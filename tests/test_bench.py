@@ -1,0 +1,63 @@
+"""The benchmark's ceilings: the service's gunicorn settings, and a mail ceiling whose mail is real."""
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from gunicorn.app.base import Application
+from gunicorn.config import KNOWN_SETTINGS
+
+from bench import run
+from support import SmtpSink, http
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVICE = Application.get_config_from_filename(None, str(ROOT / 'gunicorn.conf.py'))
+CEILING = Application.get_config_from_filename(None, str(ROOT / 'bench/gunicorn_ceiling.conf.py'))
+HOOKS = {setting.name for setting in KNOWN_SETTINGS if setting.section == 'Server Hooks'}
+SETTINGS = sorted(setting.name for setting in KNOWN_SETTINGS
+                  if setting.name not in HOOKS and setting.name != 'wsgi_app')
+
+
+@pytest.mark.parametrize('name', SETTINGS)
+def test_the_ceilings_run_under_every_setting_of_the_service(name):
+    assert CEILING.get(name) == SERVICE.get(name)
+
+
+def test_the_ceilings_keep_none_of_the_services_hooks():
+    assert {name for name in HOOKS if name in CEILING} == {'post_worker_init'}
+    assert CEILING['post_worker_init'] is not SERVICE['post_worker_init']
+
+
+@pytest.fixture
+def mail_ceiling(tmp_path):
+    run.WORK.mkdir(exist_ok=True)
+    database = tmp_path / 'ceiling.db'
+    run.seed(database, 1)
+    sink = SmtpSink().start()
+    try:
+        with run.serve(run.MAIL, database, sink.port, [], 'test-mail') as server:
+            yield database, sink, f'http://127.0.0.1:{server.port}'
+    finally:
+        sink.stop()
+
+
+NAMES = [('Ada', 'Lovelace'), ('Grace', 'Hopper'), ('Edsger', 'Dijkstra')]
+
+
+def test_the_mail_ceiling_sends_one_valid_mail_per_person_and_marks_it_sent(mail_ceiling):
+    database, sink, url = mail_ceiling
+    for first, last in NAMES:
+        body = {'first_name': first, 'last_name': last, 'email': f'{first.lower()}@example.org'}
+        assert http('POST', f'{url}/person', body)[0] == 201
+    assert sink.wait_for(len(NAMES)) == len(NAMES)
+    received = {recipients[0]: message for recipients, message in sink.received()}
+    assert sorted(received) == sorted(f'{first.lower()}@example.org' for first, _ in NAMES)
+    for first, last in NAMES:
+        message = received[f'{first.lower()}@example.org']
+        assert message['To'] == f'{first.lower()}@example.org'
+        assert message['Subject'] == f'Welcome, {first} {last}!'
+        assert message.get_content_type() == 'text/plain' and not message.defects
+        assert message.get_content().startswith(f'Hello {first} {last},')
+    with sqlite3.connect(database) as connection:
+        statuses = connection.execute('SELECT status, claim FROM outbox').fetchall()
+    assert statuses == [('sent', '')] * len(NAMES)
