@@ -7,10 +7,11 @@ connection per worker thread, opened on its first request (so after the fork), k
 like the service's.
 
 `mail_app`, the mail ceiling: the same, and the welcome mail as a minimal outbox: a row in
-the service's `outbox` table written in the person's transaction, and one sender thread per
-worker that claims the due rows in one UPDATE, sends each as bytes from a fixed template with
-`smtplib.sendmail` on an SMTP session kept open, and marks the batch sent in one UPDATE
-(without an fsync, as the service's courier).
+the service's `outbox` table (naming the person) written in the person's transaction, and
+one sender thread per worker that claims the due rows with their person's address and names
+in one UPDATE, sends each as bytes from a fixed template with `smtplib.sendmail` on an SMTP
+session kept open, and deletes the batch's rows in one DELETE (without an fsync, as the
+service's courier).
 
 `make bench` serves both with bench/gunicorn_ceiling.conf.py.
 """
@@ -26,8 +27,9 @@ import sqlite3
 import threading
 import time
 
+from models import SQLITE_OPTIONS
+
 DATABASE = os.environ['DATABASE_URL'].removeprefix('sqlite:///')
-PRAGMAS = ('PRAGMA journal_mode=wal', 'PRAGMA foreign_keys=1')
 JSON_HEADERS = [('Content-Type', 'application/json')]
 
 SMTP_HOST = os.environ.get('SMTP_HOST', 'localhost')
@@ -50,24 +52,25 @@ MESSAGE = ('From: Person API <' + MAIL_FROM + '>\r\n'
            '\r\n'
            'you are now registered with the Person API.\r\n')
 INSERT_PERSON = 'INSERT INTO person (first_name, last_name, email, email_key) VALUES (?, ?, ?, ?)'
-INSERT_OUTBOX = ("INSERT INTO outbox (recipient, first_name, last_name, status, due_at, attempts,"
-                 " claim, last_error) VALUES (?, ?, ?, 'pending', ?, 0, '', '')")
+INSERT_OUTBOX = ("INSERT INTO outbox (person_id, status, created_at, due_at, attempts, claim,"
+                 " last_error) VALUES (?, 'pending', ?, ?, 0, '', '')")
 CLAIM = ("UPDATE outbox SET claim = ?, due_at = ?, attempts = attempts + 1 WHERE id IN "
          "(SELECT id FROM outbox WHERE status = 'pending' AND due_at <= ? ORDER BY due_at LIMIT ?) "
-         "RETURNING id, recipient, first_name, last_name")
-MARK_SENT = ("UPDATE outbox SET status = 'sent', claim = '' "
-             "WHERE id IN (SELECT value FROM json_each(?))")
+         "RETURNING id, (SELECT email FROM person WHERE person.id = person_id), "
+         "(SELECT first_name || ' ' || last_name FROM person WHERE person.id = person_id)")
+DELETE_SENT = 'DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))'
 
 log = logging.getLogger('ceiling')
 _local = threading.local()
 
 
 def _connect(synchronous='full'):
+    """A connection with the service's PRAGMAs and busy timeout."""
     # isolation_level=None: the transactions below are spelled out, as the service's are.
-    connection = sqlite3.connect(DATABASE, timeout=15, isolation_level=None)
-    for pragma in PRAGMAS:
-        connection.execute(pragma)
-    connection.execute(f'PRAGMA synchronous={synchronous}')
+    connection = sqlite3.connect(DATABASE, timeout=SQLITE_OPTIONS['timeout'],
+                                 isolation_level=None)
+    for name, value in {**SQLITE_OPTIONS['pragmas'], 'synchronous': synchronous}.items():
+        connection.execute(f'PRAGMA {name}={value}')
     return connection
 
 
@@ -116,7 +119,8 @@ def create_person(environ, start_response, *, queue_mail=False):
         person_id = connection.execute(
             INSERT_PERSON, (first_name, last_name, email, email.lower())).lastrowid
         if queue_mail:
-            connection.execute(INSERT_OUTBOX, (email, first_name, last_name, time.time()))
+            now = time.time()
+            connection.execute(INSERT_OUTBOX, (person_id, now, now))
     if queue_mail:
         sender.wake.set()
     document = {'id': person_id, 'first_name': first_name, 'last_name': last_name,
@@ -167,18 +171,18 @@ class Sender:
                 self._close()
 
     def deliver(self, connection):
-        """Claim, send and mark one batch; returns its size."""
+        """Claim, send and delete one batch; returns its size."""
         now, claim = time.time(), f'{os.getpid()}-{next(self.batches)}'
         rows = _write(connection, CLAIM, (claim, now + LEASE_SECONDS, now, BATCH_SIZE))
         if rows:
             if self.smtp is None:
                 self.smtp = smtplib.SMTP(SMTP_HOST, SMTP_PORT, timeout=10)
             date = email.utils.formatdate()
-            for row_id, recipient, first_name, last_name in rows:
-                message = MESSAGE.format(recipient=recipient, name=f'{first_name} {last_name}',
-                                         date=date, row_id=row_id, stamp=int(now))
+            for row_id, recipient, name in rows:
+                message = MESSAGE.format(recipient=recipient, name=name, date=date,
+                                         row_id=row_id, stamp=int(now))
                 self.smtp.sendmail(MAIL_FROM, [recipient], message.encode())
-            _write(connection, MARK_SENT, (json.dumps([row[0] for row in rows]),))
+            _write(connection, DELETE_SENT, (json.dumps([row[0] for row in rows]),))
         return len(rows)
 
     def _close(self):
