@@ -164,7 +164,8 @@ class Smtp:
     @contextlib.contextmanager
     def session(self):
         """A session ready to send: greeted, EHLO done (its extensions known), secured."""
-        with smtplib.SMTP(self.host, self.port, timeout=self.timeout) as smtp:
+        smtp = smtplib.SMTP(self.host, self.port, timeout=self.timeout)
+        try:
             smtp.ehlo_or_helo_if_needed()
             if self.tls:
                 smtp.starttls(context=self.tls)
@@ -172,6 +173,16 @@ class Smtp:
             if self.username:
                 smtp.login(self.username, self.password)
             yield smtp
+        finally:
+            _quit_quietly(smtp)
+
+
+def _quit_quietly(smtp):
+    """End a session whose mails are all settled: how the relay answers QUIT changes nothing."""
+    try:
+        smtp.quit()
+    except (OSError, smtplib.SMTPException):
+        smtp.close()
 
 
 class RelayFailure(Exception):
@@ -242,8 +253,7 @@ class Courier:
             try:
                 models.skip_fsync_on_this_connection()
                 self.housekeeping()
-                while self.deliver_due() == BATCH_SIZE and not self._stopping.is_set():
-                    pass
+                self.deliver_due()
                 pause = self._seconds_until_due()
             except Exception as error:
                 log.error('mail delivery round failed: %s', describe_unexpected(error))
@@ -280,30 +290,48 @@ class Courier:
     # --- delivery ------------------------------------------------------------------------
 
     def deliver_due(self):
-        """Claim and send one batch of due mail on one SMTP session; returns its size."""
-        claim = uuid.uuid4().hex
+        """Send due mail until none is left: batch after batch on one SMTP session, opened
+        only if there is mail. Returns how many mails were handled."""
+        handled = 0
+        with contextlib.ExitStack() as session:
+            smtp = None
+            while not self._stopping.is_set():
+                batch = self._claim()
+                if batch is None:
+                    break
+                handled += batch.size
+                try:
+                    smtp = smtp or session.enter_context(self.smtp.session())
+                    self._send_batch(smtp, batch)
+                except (OSError, smtplib.SMTPException, RelayFailure) as error:
+                    self._relay_failed(batch, error)
+                    break
+                finally:
+                    # One write for the batch's sent mails: the lease covers them until then.
+                    Outbox.settle(batch.claim, sent=batch.sent)
+                    Outbox.release(batch.claim, [row.id for row in batch.unsent])
+                if batch.size < BATCH_SIZE:
+                    break
+        return handled
+
+    def _claim(self):
         now = time.time()
-        rows = Outbox.claim_due(claim, now=now, lease=self.lease_seconds, limit=BATCH_SIZE)
-        if not rows:
-            return 0
-        batch = _Batch(claim, rows, lease_end=now + self.lease_seconds)
-        try:
-            with self.smtp.session() as smtp:
-                while batch.unsent and not self._stopping.is_set():
-                    self._keep_lease(batch)
-                    self._send(smtp, batch)
-        except (OSError, smtplib.SMTPException, RelayFailure) as error:
-            cause = error.__cause__ if isinstance(error, RelayFailure) else error
-            log.error('SMTP relay %s:%s failed (%s); %d mail(s) wait for the next try',
-                      self.smtp.host, self.smtp.port, describe(cause), len(batch.unsent))
-            for row in batch.unsent:
-                self._retry(row, cause)
-            batch.unsent = []
-        finally:
-            # One write for the batch's sent mails: the lease covers them until then.
-            Outbox.settle(claim, sent=batch.sent)
-        Outbox.release(claim, [row.id for row in batch.unsent])
-        return len(rows)
+        rows = Outbox.claim_due(uuid.uuid4().hex, now=now, lease=self.lease_seconds,
+                                limit=BATCH_SIZE)
+        return _Batch(rows, lease_end=now + self.lease_seconds) if rows else None
+
+    def _send_batch(self, smtp, batch):
+        while batch.unsent and not self._stopping.is_set():
+            self._keep_lease(batch)
+            self._send(smtp, batch)
+
+    def _relay_failed(self, batch, error):
+        cause = error.__cause__ if isinstance(error, RelayFailure) else error
+        log.error('SMTP relay %s:%s failed (%s); %d mail(s) wait for the next try',
+                  self.smtp.host, self.smtp.port, describe(cause), len(batch.unsent))
+        for row in batch.unsent:
+            self._retry(row, cause)
+        batch.unsent = []
 
     def _keep_lease(self, batch):
         """Before each mail: the lease must outlast it, or another sender could resend it."""
@@ -358,8 +386,9 @@ class Courier:
 class _Batch:
     """The mails of one claim: those still to send, and those sent but not yet recorded."""
 
-    def __init__(self, claim, rows, lease_end):
-        self.claim, self.unsent, self.sent, self.lease_end = claim, list(rows), [], lease_end
+    def __init__(self, rows, lease_end):
+        self.claim, self.size, self.lease_end = rows[0].claim, len(rows), lease_end
+        self.unsent, self.sent = list(rows), []
 
 
 def _close_quietly():
@@ -438,13 +467,7 @@ def _parser():
 
 
 def deliver_once(config):
-    courier = Courier.from_config(config)
-    handled = 0
-    while (batch := courier.deliver_due()):
-        handled += batch
-        if batch < BATCH_SIZE:
-            break
-    print(f'{handled} mail(s) handled')
+    print(f'{Courier.from_config(config).deliver_due()} mail(s) handled')
 
 
 def main(argv):

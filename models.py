@@ -86,8 +86,7 @@ class Outbox(BaseModel):
         with write_transaction():
             cls.update(claim=claim, due_at=now + lease, attempts=cls.attempts + 1).where(
                 cls.id.in_(due), cls.status == cls.PENDING, cls.due_at <= now).execute()
-        return list(cls.select(cls, Person).join(Person).where(
-            cls.id.in_(due), cls.claim == claim).order_by(cls.id))
+        return list(cls.select(cls, Person).join(Person).where(cls.claim == claim).order_by(cls.id))
 
     @classmethod
     def next_due_at(cls):
