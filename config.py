@@ -36,6 +36,8 @@ class Config:
     body_timeout: float = 10.0  # seconds a client may stall while sending a body
     forwarded_allow_ips: str = ''  # proxies whose X-Forwarded-For is believed; none by default
     web_concurrency: int = 0  # gunicorn workers; 0: one per CPU core
+    metrics: bool = True  # serve GET /metrics (Prometheus)
+    log_format: str = 'text'  # text or json (one object per line)
 
     @classmethod
     def from_env(cls, environ=None):

@@ -21,6 +21,7 @@ import uuid
 
 import peewee
 
+import metrics
 import models
 from models import Outbox, db
 
@@ -166,8 +167,10 @@ class Courier:
                 while self.deliver_due() == BATCH_SIZE and not self._stopping.is_set():
                     pass
                 pause = self._seconds_until_due()
-            except Exception:
+            except Exception as error:
                 log.exception('mail delivery round failed')
+                if isinstance(error, peewee.PeeweeException):
+                    metrics.DATABASE_ERRORS.inc()
                 _close_quietly()  # reconnect on the next round: the database may be back
                 pause = FIRST_RETRY_SECONDS
             if self._wait_for_work(pause):
@@ -220,6 +223,7 @@ class Courier:
         """Send one mail; True if the server took it. A refusal is settled here."""
         try:
             smtp.send_message(compose(row, self.mail_from))
+            metrics.MAIL_DELIVERIES.labels('sent').inc()
             return True
         except PermanentFailure as error:
             self._give_up(row, error)
@@ -233,10 +237,12 @@ class Courier:
 
     def _give_up(self, row, error):
         log.error('mail %d permanently rejected: %s', row.id, _describe(error))
+        metrics.MAIL_DELIVERIES.labels('failed').inc()
         Outbox.mark_failed(row.id, _describe(error))
 
     def _retry(self, row, error):
         Outbox.reschedule(row.id, time.time() + self._backoff(row.attempts), _describe(error))
+        metrics.MAIL_DELIVERIES.labels('retried').inc()
 
     def _backoff(self, attempts):
         """Exponential in the attempts made, capped, with jitter so workers do not stampede."""
@@ -254,6 +260,17 @@ def _close_quietly():
 def _describe(error):
     code = getattr(error, 'smtp_code', None)
     return f'{type(error).__name__} {code}' if code else type(error).__name__
+
+
+def queue_status():
+    """Mails pending and failed, and the age in seconds of the oldest pending one (None
+    when none is pending; measured from its due time)."""
+    counts = dict(Outbox.select(Outbox.status, peewee.fn.COUNT(Outbox.id))
+                  .where(Outbox.status.in_([Outbox.PENDING, Outbox.FAILED]))
+                  .group_by(Outbox.status).tuples())
+    oldest = Outbox.next_due_at()
+    return {'pending': counts.get(Outbox.PENDING, 0), 'failed': counts.get(Outbox.FAILED, 0),
+            'oldest_pending_age': None if oldest is None else max(0.0, time.time() - oldest)}
 
 
 def main(argv):
