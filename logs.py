@@ -133,7 +133,7 @@ class GunicornLogger(glogging.Logger):
             return
         fields = {'method': environ.get('REQUEST_METHOD', '-'),
                   'route': environ.get(ROUTE_KEY, UNMATCHED_ROUTE),
-                  'path': environ.get('PATH_INFO', '-'),
+                  'path': _wsgi_text(environ.get('PATH_INFO', '-')),
                   'status': resp.status_code,
                   'duration_ms': round(request_time.total_seconds() * 1000, 1),
                   'client': environ.get('REMOTE_ADDR', '-'),
@@ -142,6 +142,11 @@ class GunicornLogger(glogging.Logger):
                              quoted(fields['method']), quoted(fields['path']), fields['status'],
                              round(fields['duration_ms']), quoted(fields['request_id'] or '-'),
                              extra={'fields': fields})
+
+
+def _wsgi_text(text):
+    """A WSGI string (bytes as latin-1) as the UTF-8 text the client meant."""
+    return text.encode('latin-1').decode('utf-8', 'replace')
 
 
 def _response_header(resp, name):
