@@ -55,23 +55,29 @@ class RequestMetrics:
         self._router = router
         self._count = count
         self._routes = {None: logs.UNMATCHED_ROUTE}  # template -> label, e.g. /person/{person_id}
+        # (method, route, status) -> its counter and histogram: labels() costs as much again.
+        self._series = {}
 
     def process_request(self, req, resp):
         req.context.started = time.perf_counter()
 
     def process_response(self, req, resp, resource, req_succeeded):
+        route = self._route(req)
+        req.env[logs.ROUTE_KEY] = route
+        if self._count:
+            key = (req.method if req.method in METHODS else OTHER_METHOD, route, resp.status_code)
+            requests, duration = self._series.get(key) or self._series.setdefault(
+                key, (HTTP_REQUESTS.labels(*key), HTTP_REQUEST_DURATION.labels(*key[:2])))
+            requests.inc()
+            duration.observe(time.perf_counter() - req.context.started)
+
+    def _route(self, req):
         template = req.uri_template
         if template is None:
             found = self._router.find(req.path, req)
             template = found[3] if found else None
-        route = self._routes.get(template) or self._routes.setdefault(
+        return self._routes.get(template) or self._routes.setdefault(
             template, _CONVERTER.sub(r'{\1}', template))
-        req.env[logs.ROUTE_KEY] = route
-        if self._count:
-            method = req.method if req.method in METHODS else OTHER_METHOD
-            HTTP_REQUESTS.labels(method, route, resp.status_code).inc()
-            HTTP_REQUEST_DURATION.labels(method, route).observe(
-                time.perf_counter() - req.context.started)
 
 
 class OutboxCollector:

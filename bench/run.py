@@ -56,6 +56,7 @@ class Scenario:
     connections: int
     persons: int
     smtp_delay: float = 0.0
+    metrics: bool = True  # METRICS for the service
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,11 @@ def scenarios(large):
             Scenario('post', 'POST /person', 'post', 16, SEED_PERSONS),
             Scenario('post-slow-smtp', 'POST /person, SMTP 200 ms', 'post', 16, SEED_PERSONS,
                      smtp_delay=0.2),
-            Scenario('get-1m', f'GET /person/{{id}}, {large:,} persons', 'get', 32, large)]
+            Scenario('get-1m', f'GET /person/{{id}}, {large:,} persons', 'get', 32, large),
+            Scenario('get-no-metrics', 'GET /person/{id}, METRICS=off', 'get', 32, SEED_PERSONS,
+                     metrics=False),
+            Scenario('post-no-metrics', 'POST /person, METRICS=off', 'post', 16, SEED_PERSONS,
+                     metrics=False)]
 
 
 # --- Database -------------------------------------------------------------------------------
@@ -194,13 +199,14 @@ def wait_ready(server, seconds=30):
 
 
 @contextlib.contextmanager
-def serve(app, database, sink_port, gunicorn_args, label):
+def serve(app, database, sink_port, gunicorn_args, label, metrics=True):
     """gunicorn with `app`'s settings on a free loopback port; stopped whatever happens."""
     port, log = free_port(), WORK / f'{label}.log'
     # wrk is one address standing for many clients: the write limit stays on (its cost is
     # measured) but high enough never to refuse.
     env = {**os.environ, 'DATABASE_URL': f'sqlite:///{database}', 'RATE_LIMIT': RATE_LIMIT,
-           'SMTP_HOST': '127.0.0.1', 'SMTP_PORT': str(sink_port)}
+           'SMTP_HOST': '127.0.0.1', 'SMTP_PORT': str(sink_port),
+           'METRICS': 'on' if metrics else 'off'}
     command = [str(BIN / 'gunicorn'), '-c', app.conf, '--bind', f'127.0.0.1:{port}',
                *gunicorn_args]
     with open(log, 'w') as output:
@@ -259,7 +265,7 @@ def measure(app, scenario, template, sink, args, label):
     """One run of `app` on `scenario`: warm-up, measured wrk run, memory, mail."""
     database = fresh_copy(template)
     sink.reset(scenario.smtp_delay)
-    with serve(app, database, sink.port, args.gunicorn_args, label) as server:
+    with serve(app, database, sink.port, args.gunicorn_args, label, scenario.metrics) as server:
         wrk(server, scenario, args.warmup, f'{label}w')
         workers = workers_of(server.process.pid)
         ours = [*workers, server.process.pid, os.getpid()]  # the sink runs in this process
@@ -352,6 +358,12 @@ def targets(results):
         small, large = by_key['get'][0]['service']['p99'], by_key['get-1m'][0]['service']['p99']
         check('GET p99 at the large database ≤ 1.5× the 10k one', large <= 1.5 * small,
               f'{large:.1f} ms vs {small:.1f} ms ({large / small:.2f}×)')
+    for mode in ('get', 'post'):
+        if mode in by_key and f'{mode}-no-metrics' in by_key:
+            # Each against its own ceiling: the rounds ran at different moments.
+            on, off = (statistics.mean(by_key[key][1]) for key in (mode, f'{mode}-no-metrics'))
+            check(f'{mode.upper()} with metrics ≥ 0.95 of METRICS=off (ratios to the ceiling)',
+                  on >= 0.95 * off, f'{on / off:.2f} ({on:.2f} against {off:.2f})')
     service = [rows['service'] for rows, _ in by_key.values()]
     errors = sum(row['non2xx'] + row['socket'] + row['locked'] for row in service)
     check('zero non-2xx, socket errors and "database is locked"', errors == 0, str(errors))
