@@ -189,18 +189,21 @@ def service(service_env, tmp_path):
 def test_counts_of_every_worker_add_up_and_survive_a_killed_worker(service):
     person_route = {'route': '/person/{person_id}'}
     results = get_many(service, [f'/person/{n}' for n in range(1, 101)])
-    assert [status for status, _, _ in results] == [404] * 100
-    # A made request id starts with its process's own prefix: both workers served.
-    assert len({headers['X-Request-ID'].split('-')[0] for _, headers, _ in results}) == 2
-    assert requests_total(scrape(service), **person_route) == 100
+    # A made request id starts with its process's own prefix: go on until both workers
+    # served (the kernel may hand one worker every connection of a short burst).
+    while len({headers['X-Request-ID'].split('-')[0] for _, headers, _ in results}) < 2:
+        assert len(results) < 1000
+        results += get_many(service, [f'/person/{n}' for n in range(1, 21)])
+    assert [status for status, _, _ in results] == [404] * len(results)
+    assert requests_total(scrape(service), **person_route) == len(results)
 
     victim = workers_of(service)[0]
     os.kill(victim, signal.SIGKILL)
     assert wait_until(lambda: victim not in workers_of(service) and len(workers_of(service)) == 2)
     for _ in range(10):  # whichever worker answers, old or new
-        assert requests_total(scrape(service), **person_route) == 100
+        assert requests_total(scrape(service), **person_route) == len(results)
     get_many(service, [f'/person/{n}' for n in range(1, 21)])
-    assert requests_total(scrape(service), **person_route) == 120
+    assert requests_total(scrape(service), **person_route) == len(results) + 20
 
 
 def test_a_mail_pending_while_smtp_is_down_shows_until_it_is_sent(service_env, tmp_path):
