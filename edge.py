@@ -29,7 +29,8 @@ JSON = 'application/json'
 REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}\Z')
 WRITE_METHODS = frozenset({'POST', 'PUT', 'PATCH', 'DELETE'})
 BODY_METHODS = frozenset({'POST', 'PUT', 'PATCH'})
-OPEN_PATHS = frozenset({'/healthz', '/readyz', '/openapi.json', '/metrics'})  # never behind the token
+# Never behind the token: the probes, the API document, and metrics (counts, no personal data).
+OPEN_PATHS = frozenset({'/healthz', '/readyz', '/openapi.json', '/metrics'})
 
 
 class RequestId:
