@@ -133,6 +133,8 @@ class Config:
     forwarded_allow_ips: str = _setting('', "addresses or networks, comma-separated, or '*'",
                                         _parses(parse_networks))
     web_concurrency: int = _setting(0, '0 (one per core) or more', _at_least(0))
+    metrics: bool = True  # serve GET /metrics (Prometheus)
+    log_format: str = _setting('text', 'text or json', lambda value: value in ('text', 'json'))
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

@@ -89,6 +89,10 @@ def openapi_document():
                                               **_error_responses(503)}}},
             '/openapi.json': {'get': {'summary': 'This document', 'operationId': 'openapi',
                                       'responses': {'200': ok('OpenAPI 3 document')}}},
+            '/metrics': {'get': {
+                'summary': 'Prometheus metrics (absent with METRICS=off)', 'operationId': 'metrics',
+                'responses': {'200': {'description': 'Counts and timings; no personal data',
+                                      'content': {'text/plain': {'schema': {'type': 'string'}}}}}}},
         },
         'components': {
             'securitySchemes': {'bearer': {'type': 'http', 'scheme': 'bearer'}},

@@ -19,6 +19,8 @@ import limits
 import limits.storage
 import limits.strategies
 
+import logs
+import metrics
 from models import db
 
 log = logging.getLogger('personapi')
@@ -27,7 +29,8 @@ JSON = 'application/json'
 REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}\Z')
 WRITE_METHODS = frozenset({'POST', 'PUT', 'PATCH', 'DELETE'})
 BODY_METHODS = frozenset({'POST', 'PUT', 'PATCH'})
-OPEN_PATHS = frozenset({'/healthz', '/readyz', '/openapi.json'})  # never behind the token
+# Never behind the token: the probes, the API document, and metrics (counts, no personal data).
+OPEN_PATHS = frozenset({'/healthz', '/readyz', '/openapi.json', '/metrics'})
 
 
 class RequestId:
@@ -43,6 +46,7 @@ class RequestId:
     def process_request(self, req, resp):
         given = req.get_header('X-Request-ID')
         req.context.request_id = given if given and REQUEST_ID.match(given) else self._make()
+        logs.request_id.set(req.context.request_id)
 
     def _make(self):
         pid, prefix, counter = self._generator
@@ -53,6 +57,7 @@ class RequestId:
 
     def process_response(self, req, resp, resource, req_succeeded):
         resp.set_header('X-Request-ID', req.context.request_id)
+        logs.request_id.set(None)  # this thread's next lines are about no request
 
 
 class SecurityHeaders:
@@ -168,6 +173,7 @@ def serialize_error(req, resp, exception):
 
 
 def handle_database_down(req, resp, error, params):
+    metrics.DATABASE_ERRORS.inc()
     log.warning('database unavailable: %s (request %s)', type(error).__name__,
                 req.context.request_id)
     raise falcon.HTTPServiceUnavailable(title='Database unavailable',

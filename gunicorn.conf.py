@@ -3,13 +3,26 @@
 Command-line flags and GUNICORN_CMD_ARGS override any of these.
 """
 
-import logging
 import multiprocessing
+import os
+import shutil
 import sys
+import tempfile
 
+import logs
 from config import Config
 
 app_config = Config.from_env_or_exit()  # not "config": gunicorn reads that name as a setting
+
+# prometheus-client's multiprocess mode: each worker writes its samples to files in this
+# directory, one per instance (named by the master's pid), and /metrics adds them up.
+# prometheus-client reads the variable when first imported: it is set here, before any
+# module imports it, and the workers inherit it.
+metrics_directory = os.path.join(tempfile.gettempdir(), f'personapi-metrics-{os.getpid()}')
+if app_config.metrics:
+    os.environ['PROMETHEUS_MULTIPROC_DIR'] = metrics_directory
+else:
+    os.environ.pop('PROMETHEUS_MULTIPROC_DIR', None)
 
 wsgi_app = 'personapi:app'
 bind = '127.0.0.1:8000'
@@ -36,22 +49,37 @@ limit_request_field_size = 8190
 # The proxies trusted with X-Forwarded-For/-Proto: the app's rate limiter reads the same list.
 forwarded_allow_ips = app_config.forwarded_allow_ips
 
-# Access log: method, path (no query string), status, duration, request id; never a body.
+# Access log: client, method, path (no query string), status, duration, request id; never a
+# body. Its lines, gunicorn's and the app's own messages are all in LOG_FORMAT (logs.py).
 accesslog = '-'
-access_log_format = '%(h)s "%(m)s %(U)s" %(s)s %(M)sms rid=%({x-request-id}o)s'
-# The app's own messages (mail delivery, errors) go to stderr beside gunicorn's.
-logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                    format='[%(asctime)s] [%(process)d] [%(levelname)s] %(name)s: %(message)s')
+logger_class = logs.GunicornLogger
+logs.configure(app_config.log_format)
 
 
 def on_starting(server):
-    """Create the schema in the master, once, before any worker exists."""
+    """Create the schema and an empty metrics directory in the master, once, before any
+    worker exists."""
     import models
 
     models.connect(app_config.database_url)
     models.create_schema()
     with models.db.connection_context():
         models.truncate_wal()  # what a crash left of an erasure in the WAL goes now
+    if app_config.metrics:
+        shutil.rmtree(metrics_directory, ignore_errors=True)  # a former instance's samples
+        os.makedirs(metrics_directory, mode=0o700)
+
+
+def child_exit(server, worker):
+    """Drop the live gauges of a worker that is gone (its counts stay in the sums)."""
+    if app_config.metrics:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    shutil.rmtree(metrics_directory, ignore_errors=True)
 
 
 def post_worker_init(worker):

@@ -28,6 +28,7 @@ import idna
 import peewee
 
 import config
+import metrics
 import models
 from models import Outbox, Person, db
 
@@ -257,6 +258,8 @@ class Courier:
                 pause = self._seconds_until_due()
             except Exception as error:
                 log.error('mail delivery round failed: %s', describe_unexpected(error))
+                if isinstance(error, peewee.PeeweeException):
+                    metrics.DATABASE_ERRORS.inc()
                 _close_quietly()  # reconnect on the next round: the database may be back
                 pause = FIRST_RETRY_SECONDS
             if self._wait_for_work(pause):
@@ -366,15 +369,18 @@ class Courier:
             self._give_up(row, describe_unexpected(error))
             return smtp.rset()
         batch.sent.append(row.id)
+        metrics.MAIL_DELIVERIES.labels('sent').inc()
 
     def _give_up(self, row, reason):
         log.error('mail %d failed for good: %s', row.id, reason)
+        metrics.MAIL_DELIVERIES.labels('failed').inc()
         Outbox.mark_failed(row.id, reason)
 
     def _retry(self, row, error):
         if time.time() - row.created_at >= self.give_up_after:
             return self._give_up(row, f'gave up after {row.attempts} attempts: {describe(error)}')
         Outbox.reschedule(row.id, time.time() + self.backoff(row.attempts), describe(error))
+        metrics.MAIL_DELIVERIES.labels('retried').inc()
 
     def backoff(self, attempts):
         """Exponential in the attempts made, capped, with jitter so workers do not stampede."""

@@ -14,6 +14,7 @@ import falcon
 import peewee
 
 import mailer
+import metrics
 import models
 from docs import JSON, MERGE_PATCH, PERSON_FIELDS, OpenAPI, openapi_document
 from config import Config, parse_networks, rate_limiting_enabled
@@ -227,7 +228,9 @@ class Readiness:
 
 def create_app(config, courier):
     """The WSGI app; `courier` delivers the welcome mails that POST queues."""
-    middleware = [RequestId(), SecurityHeaders(), BodyTimeout(config.body_timeout)]
+    router = falcon.routing.DefaultRouter()
+    middleware = [metrics.RequestMetrics(router, count=config.metrics), RequestId(),
+                  SecurityHeaders(), BodyTimeout(config.body_timeout)]
     if rate_limiting_enabled(config.rate_limit):
         middleware.append(RateLimit(config.rate_limit, config.rate_limit_storage,
                                     parse_networks(config.forwarded_allow_ips)))
@@ -235,7 +238,7 @@ def create_app(config, courier):
         middleware.append(BearerToken(config.api_token))
     if not models.is_sqlite():
         middleware.append(ConnectionPerRequest())
-    app = falcon.App(middleware=middleware)
+    app = falcon.App(middleware=middleware, router=router)
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
@@ -245,6 +248,8 @@ def create_app(config, courier):
     app.add_route('/healthz', Health())
     app.add_route('/readyz', Readiness())
     app.add_route('/openapi.json', OpenAPI(openapi_document()))
+    if config.metrics:
+        app.add_route('/metrics', metrics.Metrics(mailer.queue_status))
     return app
 
 

@@ -70,7 +70,9 @@ BARE = App('bare', 'bare ceiling', 'bench/gunicorn_ceiling.conf.py')
 MAIL = App('mail', 'mail ceiling', 'bench/gunicorn_ceiling.conf.py', 'bench.ceiling:mail_app',
            mails=True)
 SERVICE = App('service', 'personapi', 'gunicorn.conf.py', mails=True)
-APPS = {app.key: app for app in (BARE, MAIL, SERVICE)}
+NO_METRICS = App('no-metrics', 'personapi, METRICS=off', 'gunicorn.conf.py', mails=True,
+                 env=(('METRICS', 'off'),))
+APPS = {app.key: app for app in (BARE, MAIL, SERVICE, NO_METRICS)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +96,11 @@ def scenarios(large):
             Scenario('post-slow-smtp', 'POST, SMTP 200 ms', 'post', 16, SEED_PERSONS,
                      (MAIL, SERVICE), MAIL, smtp_delay=0.2),
             Scenario('get-1m', f'GET /person/{{id}}, {large:,} persons', 'get', 32, large,
-                     (BARE, SERVICE), BARE)]
+                     (BARE, SERVICE), BARE),
+            Scenario('get-metrics', 'GET, metrics on against off', 'get', 32, SEED_PERSONS,
+                     (NO_METRICS, SERVICE), NO_METRICS),
+            Scenario('post-metrics', 'POST, metrics on against off', 'post', 16, SEED_PERSONS,
+                     (NO_METRICS, SERVICE), NO_METRICS, await_mail=True)]
 
 
 # --- Database -------------------------------------------------------------------------------
@@ -412,6 +418,9 @@ def targets(results):
     if 'post' in by_key and 'post-slow-smtp' in by_key:
         share = service('post-slow-smtp')['rps'] / service('post')['rps']
         check('POST with a 200 ms SMTP server ≥ 0.90 of POST', share >= 0.90, f'{share:.2f}')
+    for key in ('get-metrics', 'post-metrics'):
+        if key in by_key:
+            check(f'{by_key[key].scenario.title}: ≥ 0.95', ratio(key) >= 0.95, f'{ratio(key):.2f}')
     if 'get' in by_key and 'get-1m' in by_key:
         small, large = service('get')['p99'], service('get-1m')['p99']
         check('GET p99 at the large database ≤ 1.5× the 10k one', large <= 1.5 * small,

@@ -124,7 +124,8 @@ def test_openapi_documents_every_route_and_its_errors(client):
     document = client.get('/openapi.json').json
     assert document['openapi'].startswith('3.')
     paths = document['paths']
-    assert set(paths) == {'/person', '/person/{person_id}', '/healthz', '/readyz', '/openapi.json'}
+    assert set(paths) == {'/person', '/person/{person_id}', '/healthz', '/readyz', '/openapi.json',
+                          '/metrics'}
     assert set(paths['/person/{person_id}']) >= {'get', 'put', 'patch', 'delete'}
     for status in ('201', '400', '409', '413', '415', '422'):
         assert status in paths['/person']['post']['responses']

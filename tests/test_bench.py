@@ -1,5 +1,6 @@
 """The benchmark's ceilings: the service's gunicorn settings, and a mail ceiling whose mail is real."""
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -11,8 +12,21 @@ from bench import run
 from support import SmtpSink, http
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICE = Application.get_config_from_filename(None, str(ROOT / 'gunicorn.conf.py'))
-CEILING = Application.get_config_from_filename(None, str(ROOT / 'bench/gunicorn_ceiling.conf.py'))
+
+
+def settings(path):
+    """A gunicorn settings file as gunicorn reads it; the environment it sets for its own
+    processes (the metrics directory) is not left behind in this one."""
+    environ = dict(os.environ)
+    try:
+        return Application.get_config_from_filename(None, str(ROOT / path))
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+SERVICE = settings('gunicorn.conf.py')
+CEILING = settings('bench/gunicorn_ceiling.conf.py')
 HOOKS = {setting.name for setting in KNOWN_SETTINGS if setting.section == 'Server Hooks'}
 SETTINGS = sorted(setting.name for setting in KNOWN_SETTINGS
                   if setting.name not in HOOKS and setting.name != 'wsgi_app')

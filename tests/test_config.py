@@ -23,6 +23,7 @@ BAD_VALUES = [
     ('RATE_LIMIT_STORAGE', 'postgres://x'), ('API_TOKEN', 'two words'), ('API_TOKEN', 'tökén'),
     ('BODY_TIMEOUT', '-1'), ('BODY_TIMEOUT', '0'), ('FORWARDED_ALLOW_IPS', '10.0.0.300'),
     ('FORWARDED_ALLOW_IPS', 'proxy.example'), ('WEB_CONCURRENCY', '-1'),
+    ('METRICS', 'sometimes'), ('LOG_FORMAT', 'xml'), ('LOG_FORMAT', 'JSON'),
 ]
 
 

@@ -27,6 +27,12 @@ def register(client, **fields):
     return client.post_json('/person', {**ADA, **fields}, status=201).json
 
 
+def service_log(caplog):
+    """What the service logged (the test SMTP server logs addresses, as servers do)."""
+    return '\n'.join(caplog.handler.format(record) for record in caplog.records
+                     if record.name.startswith('personapi'))
+
+
 def queued_row():
     return Outbox.get()
 
@@ -191,7 +197,7 @@ def test_a_poison_mail_fails_alone_and_the_rest_of_its_batch_goes_out(client, co
     assert smtp.recipients() == ['first@example.com', 'second@example.com', 'third@example.com']
     [failed] = Outbox.select()
     assert failed.status == Outbox.FAILED and failed.last_error
-    assert poison['email'] not in caplog.text
+    assert poison['email'] not in service_log(caplog)
 
 
 def test_a_refused_recipient_fails_alone(client, courier, smtp, caplog):
@@ -202,7 +208,7 @@ def test_a_refused_recipient_fails_alone(client, courier, smtp, caplog):
     assert smtp.recipients() == ['one@example.com', 'three@example.com']
     [failed] = Outbox.select()
     assert (failed.status, failed.last_error) == (Outbox.FAILED, 'SMTPRecipientsRefused 550')
-    assert 'two@example.com' not in caplog.text
+    assert 'two@example.com' not in service_log(caplog)
 
 
 @pytest.mark.parametrize('refusal', ['rcpt', 'data'])

@@ -1,0 +1,123 @@
+"""Prometheus metrics: the metric objects, the middleware that counts and times requests,
+and the /metrics resource (prometheus-client's text format).
+
+Under gunicorn every worker writes its samples to files in PROMETHEUS_MULTIPROC_DIR
+(prometheus-client's multiprocess mode; gunicorn.conf.py names the directory before this
+module is first imported) and a scrape of any worker adds up all of them. Without that
+variable (tests, `python mailer.py`) the samples live in this process.
+"""
+
+import logging
+import os
+import re
+import time
+
+import prometheus_client
+from prometheus_client import multiprocess
+from prometheus_client.core import GaugeMetricFamily
+
+import logs
+
+log = logging.getLogger('personapi.metrics')
+
+REGISTRY = prometheus_client.CollectorRegistry()
+HTTP_REQUESTS = prometheus_client.Counter(
+    'personapi_http_requests', 'HTTP requests answered, by method, route template and status.',
+    ['method', 'route', 'status'], registry=REGISTRY)
+HTTP_REQUEST_DURATION = prometheus_client.Histogram(
+    'personapi_http_request_duration_seconds',
+    'Time the app took to answer, by method and route template.', ['method', 'route'],
+    buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10), registry=REGISTRY)
+MAIL_DELIVERIES = prometheus_client.Counter(
+    'personapi_mail_deliveries', 'Welcome mails handed to SMTP (sent), put back for a later '
+    'try (retried) or given up (failed).', ['result'], registry=REGISTRY)
+DATABASE_ERRORS = prometheus_client.Counter(
+    'personapi_database_errors', 'Database failures met while serving a request or '
+    'delivering mail.', registry=REGISTRY)
+
+# The methods counted by name; any other (a client may send any token) counts as one label,
+# so that no client can grow the number of series.
+METHODS = frozenset({'GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'})
+OTHER_METHOD = 'other'
+_CONVERTER = re.compile(r'\{(\w+)[^}]*\}')
+
+
+class RequestMetrics:
+    """Put each request's route template where the access log finds it and, when `count`,
+    count and time the request.
+
+    The first middleware: its process_response runs last, so the time covers the others.
+    A request refused before routing (401, 429) is routed here with `router`, so it still
+    counts on its route.
+    """
+
+    def __init__(self, router, count=True):
+        self._router = router
+        self._count = count
+        self._routes = {None: logs.UNMATCHED_ROUTE}  # template -> label, e.g. /person/{person_id}
+        # (method, route, status) -> its counter and histogram: labels() costs as much again.
+        self._series = {}
+
+    def process_request(self, req, resp):
+        req.context.started = time.perf_counter()
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        route = self._route(req)
+        req.env[logs.ROUTE_KEY] = route
+        if self._count:
+            key = (req.method if req.method in METHODS else OTHER_METHOD, route, resp.status_code)
+            requests, duration = self._series.get(key) or self._series.setdefault(
+                key, (HTTP_REQUESTS.labels(*key), HTTP_REQUEST_DURATION.labels(*key[:2])))
+            requests.inc()
+            duration.observe(time.perf_counter() - req.context.started)
+
+    def _route(self, req):
+        template = req.uri_template
+        if template is None:
+            found = self._router.find(req.path, req)
+            template = found[3] if found else None
+        return self._routes.get(template) or self._routes.setdefault(
+            template, _CONVERTER.sub(r'{\1}', template))
+
+
+class OutboxCollector:
+    """The outbox's state, read from the database at each scrape: right across replicas.
+
+    `queue_status()` returns {'pending': int, 'failed': int, 'oldest_pending_age': seconds
+    or None}. When the database fails, the scrape goes on without these gauges.
+    """
+
+    def __init__(self, queue_status):
+        self._queue_status = queue_status
+
+    def collect(self):
+        try:
+            status = self._queue_status()
+        except Exception as error:
+            log.warning('outbox state unavailable for /metrics: %s', type(error).__name__)
+            DATABASE_ERRORS.inc()
+            return
+        mails = GaugeMetricFamily('personapi_outbox_mails', 'Welcome mails in the outbox, '
+                                  'by state.', labels=['state'])
+        for state in ('pending', 'failed'):
+            mails.add_metric([state], status[state])
+        yield mails
+        yield GaugeMetricFamily('personapi_outbox_oldest_pending_seconds',
+                                'Age of the oldest pending welcome mail; 0 when none is '
+                                'pending.', value=status['oldest_pending_age'] or 0.0)
+
+
+class Metrics:
+    """GET /metrics: every worker's samples and the outbox's state."""
+
+    def __init__(self, queue_status):
+        self._registry = prometheus_client.CollectorRegistry()
+        if os.environ.get('PROMETHEUS_MULTIPROC_DIR'):
+            multiprocess.MultiProcessCollector(self._registry)
+        else:
+            self._registry.register(REGISTRY)
+        self._registry.register(OutboxCollector(queue_status))
+
+    def on_get(self, req, resp):
+        resp.content_type = prometheus_client.CONTENT_TYPE_LATEST
+        resp.data = prometheus_client.generate_latest(self._registry)
