@@ -133,6 +133,9 @@ class Config:
     forwarded_allow_ips: str = _setting('', "addresses or networks, comma-separated, or '*'",
                                         _parses(parse_networks))
     web_concurrency: int = _setting(0, '0 (one per core) or more', _at_least(0))
+    require_if_match: bool = False  # PUT, PATCH and DELETE without If-Match are 428
+    # Seconds a POST's Idempotency-Key is remembered.
+    idempotency_ttl: float = _setting(86400.0, 'more than 0 seconds', _positive)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

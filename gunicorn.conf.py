@@ -45,11 +45,11 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr,
 
 
 def on_starting(server):
-    """Create the schema in the master, once, before any worker exists."""
+    """Create or migrate the schema in the master, once, before any worker exists."""
     import models
 
     models.connect(app_config.database_url)
-    models.create_schema()
+    models.migrate()
     with models.db.connection_context():
         models.truncate_wal()  # what a crash left of an erasure in the WAL goes now
 

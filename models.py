@@ -1,6 +1,8 @@
-"""Storage: the Person and Outbox models, bound at start-up to DATABASE_URL.
+"""Storage: the Person, IdempotencyKey and Outbox models, bound at start-up to DATABASE_URL,
+and the schema's migrations.
 
-`python models.py init` creates the schema by hand; gunicorn's master does it before forking.
+`python models.py migrate` creates the schema or brings an older one up to date; gunicorn's
+master does it before forking.
 """
 
 import contextlib
@@ -40,13 +42,50 @@ class BaseModel(peewee.Model):
         database = db
 
 
+class IdField(peewee.AutoField):
+    """An id that no row gets twice, not even after the newest row is deleted: PostgreSQL's
+    sequences and InnoDB's counter never go back, SQLite does unless told AUTOINCREMENT."""
+
+    def ddl(self, ctx):
+        ddl = super().ddl(ctx)
+        return peewee.NodeList((ddl, peewee.SQL('AUTOINCREMENT'))) if is_sqlite() else ddl
+
+
 class Person(BaseModel):
+    id = IdField()
     first_name = peewee.CharField(max_length=MAX_NAME_LENGTH)
     last_name = peewee.CharField(max_length=MAX_NAME_LENGTH)
     email = peewee.CharField(max_length=MAX_EMAIL_LENGTH)
     # See email_key(): its unique index makes the database itself refuse a second person
     # with the same address in another case.
     email_key = peewee.FixedCharField(max_length=64, unique=True)
+    # Counts the row's changes: the API's ETag. DEFAULT in the DDL, so that adding the
+    # column to a table gives the rows already there their first version.
+    version = peewee.IntegerField(default=1, constraints=[peewee.SQL('DEFAULT 1')])
+
+
+class IdempotencyKey(BaseModel):
+    """The outcome of a POST sent with an Idempotency-Key, written in the same transaction
+    as its person and erased with it."""
+
+    key_hash = peewee.FixedCharField(max_length=64, primary_key=True)  # see digest()
+    fingerprint = peewee.FixedCharField(max_length=64)  # digest() of the request's body
+    person = peewee.ForeignKeyField(Person, on_delete='CASCADE')
+    response = peewee.TextField()  # the 201's body, as sent
+    created_at = peewee.DoubleField(index=True)
+
+    @classmethod
+    def find(cls, key_hash, *, not_before):
+        return cls.get_or_none(cls.key_hash == key_hash, cls.created_at >= not_before)
+
+    @classmethod
+    def purge(cls, *, before):
+        """Delete the records older than `before`: read first, so that the usual case,
+        nothing to purge, writes nothing and takes no lock."""
+        expired = cls.created_at < before
+        if cls.select(cls.key_hash).where(expired).exists():
+            with write_transaction():
+                cls.delete().where(expired).execute()
 
 
 class Outbox(BaseModel):
@@ -143,7 +182,17 @@ class Outbox(BaseModel):
             cls.update(claim='', **changes).where(which).execute()
 
 
-MODELS = [Person, Outbox]
+class SchemaVersion(BaseModel):
+    """One row per schema version the database has reached; the highest is its schema."""
+
+    version = peewee.IntegerField(primary_key=True)
+    applied_at = peewee.DoubleField(default=time.time)
+
+    class Meta:
+        table_name = 'schema_version'
+
+
+MODELS = [Person, IdempotencyKey, Outbox, SchemaVersion]
 
 # The hot paths' SQL, built once per bound database (connect() empties it): peewee's query
 # builder costs more than running the statement (30 times more for the lookup by id).
@@ -156,7 +205,12 @@ _sqlite_writers = threading.RLock()  # re-entrant: a nested write becomes a save
 def email_key(email):
     """The address lower-cased and hashed: equal exactly when the addresses are equal but
     for case, on every engine (MySQL's default collation would also equate 'é' and 'e')."""
-    return hashlib.sha256(email.lower().encode()).hexdigest()
+    return digest(email.lower())
+
+
+def digest(text):
+    """SHA-256 of `text` in hex: a key compared exactly, whatever the engine's collation."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def connect(url):
@@ -188,11 +242,39 @@ def _statement(key, query):
     return sql
 
 
-def find_email(person_id):
-    """The person's (id, email), or None."""
-    sql = _statement('find_email',
-                     lambda: Person.select(Person.id, Person.email).where(Person.id == 0))
+def find_email_and_version(person_id):
+    """The person's (id, email, version), or None."""
+    sql = _statement('find_email_and_version', lambda: Person.select(
+        Person.id, Person.email, Person.version).where(Person.id == 0))
     return db.execute_sql(sql, (person_id,)).fetchone()
+
+
+def update_person(person_id, fields, versions=None):
+    """Set `fields` of the person and count the change, if it is at one of `versions`
+    (None: at any); returns the person as changed, or None when no row qualified.
+
+    One conditional UPDATE: atomic on every engine, changing only the columns named, with
+    no lock held between a read and the write.
+    """
+    query = Person.update(**fields, version=Person.version + 1).where(Person.id == person_id)
+    if versions is not None:
+        query = query.where(Person.version.in_(versions))
+    with write_transaction():
+        if versions == [] or not query.execute():
+            return None
+        return Person.get_by_id(person_id)
+
+
+def delete_person(person_id, versions=None):
+    """Delete the person if it is at one of `versions` (None: at any); True if it was."""
+    query = Person.delete().where(Person.id == person_id)
+    if versions is not None:
+        query = query.where(Person.version.in_(versions))
+    return versions != [] and bool(query.execute())
+
+
+def person_exists(person_id):
+    return Person.select(Person.id).where(Person.id == person_id).exists()
 
 
 def insert(model, **values):
@@ -262,16 +344,61 @@ def skip_fsync_on_this_connection():
         db.execute_sql('PRAGMA synchronous = NORMAL')
 
 
-def create_schema():
-    """Create the tables if missing: idempotent, and safe when replicas start together."""
-    with db.connection_context():
-        with _schema_lock():
-            db.create_tables(MODELS, safe=True)
+def _version_2():
+    """Persons get a version; SQLite's ids are never reused; POSTs remember their
+    Idempotency-Key. Written to be run again after a partial run: MySQL commits each DDL."""
+    if is_sqlite():
+        _rebuild_sqlite_person_table()
+    elif 'version' not in {column.name for column in db.get_columns('person')}:
+        db.execute_sql('ALTER TABLE person ADD COLUMN version INTEGER NOT NULL DEFAULT 1')
+    db.create_tables([IdempotencyKey], safe=True)
+
+
+def _rebuild_sqlite_person_table():
+    """SQLite cannot add AUTOINCREMENT to a table: make it anew and copy every row over
+    (its ids included, which also starts the new table's counter after the highest)."""
+    db.execute_sql('DROP INDEX person_email_key')
+    db.execute_sql('ALTER TABLE person RENAME TO person_old')
+    db.create_tables([Person])
+    db.execute_sql('INSERT INTO person (id, first_name, last_name, email, email_key) '
+                   'SELECT id, first_name, last_name, email, email_key FROM person_old')
+    db.execute_sql('DROP TABLE person_old')
+
+
+# MIGRATIONS[n - 2] brings a database of schema version n - 1 to version n. Version 1 is the
+# schema made before versions were recorded; a new step goes at the end.
+MIGRATIONS = [_version_2]
+SCHEMA_VERSION = len(MIGRATIONS) + 1
+
+
+def migrate():
+    """Create the schema in an empty database, or bring an older one up to SCHEMA_VERSION,
+    each step in a transaction with the record of its version. Serialised across processes,
+    so replicas may start together."""
+    with db.connection_context(), _schema_lock():
+        version = schema_version()
+        if version is None:
+            with db.atomic():
+                db.create_tables(MODELS)
+                SchemaVersion.create(version=SCHEMA_VERSION)
+            return
+        for version in range(version + 1, SCHEMA_VERSION + 1):
+            with db.atomic():
+                MIGRATIONS[version - 2]()
+                SchemaVersion.create(version=version)
+
+
+def schema_version():
+    """The database's schema version; None when it has no tables yet."""
+    tables = db.get_tables()
+    if SchemaVersion._meta.table_name in tables:
+        return SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()
+    return 1 if Person._meta.table_name in tables else None
 
 
 @contextlib.contextmanager
 def _schema_lock():
-    """Serialise schema creation across processes: DDL is not atomic on every engine."""
+    """Serialise migrations across processes: DDL is not atomic on every engine."""
     if isinstance(db.obj, peewee.PostgresqlDatabase):
         lock, unlock = 'SELECT pg_advisory_lock(7421001)', 'SELECT pg_advisory_unlock(7421001)'
     elif isinstance(db.obj, peewee.MySQLDatabase):
@@ -288,13 +415,13 @@ def _schema_lock():
 
 
 def main(argv):
-    if argv[1:] != ['init']:
-        sys.exit('usage: python models.py init')
+    if argv[1:] != ['migrate']:
+        sys.exit('usage: python models.py migrate')
     from config import Config
 
     connect(Config.from_env_or_exit().database_url)
-    create_schema()
-    print('schema ready')
+    migrate()
+    print(f'schema version {SCHEMA_VERSION}')
 
 
 if __name__ == '__main__':

@@ -55,7 +55,7 @@ def database_url(engine, tmp_path):
     models.connect(url)
     if server_url:
         models.db.drop_tables(models.MODELS, safe=True)
-    models.create_schema()
+    models.migrate()
     yield url
     models.db.close()
 
