@@ -278,8 +278,11 @@ def person_exists(person_id):
 
 
 def insert(model, **values):
-    """INSERT one row of `model` (defaults fill the columns not given); returns its id."""
-    columns = model._meta.sorted_fields[1:]  # all but the primary key, in peewee's order
+    """INSERT one row of `model` (defaults fill the columns not given); returns the id the
+    database gave it, for a model whose id the database assigns."""
+    # Every column in peewee's order, but an id the database assigns.
+    columns = [field for field in model._meta.sorted_fields
+               if not isinstance(field, peewee.AutoField)]
     row = {column: values[column.name] if column.name in values else _default(column)
            for column in columns}
     sql = _statement(model, lambda: model.insert(row))
