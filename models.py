@@ -387,6 +387,7 @@ def migrate():
             return
         for version in range(version + 1, SCHEMA_VERSION + 1):
             with db.atomic():
+                SchemaVersion.create_table()  # version 1 had no record of its version
                 MIGRATIONS[version - 2]()
                 SchemaVersion.create(version=version)
 

@@ -129,15 +129,15 @@ def test_the_master_holds_no_database_connection_to_share_with_workers(service, 
     assert any(database_file in open_files(worker) for worker in workers)
 
 
-def test_models_init_creates_the_schema_and_can_run_again(service_env):
+def test_models_migrate_creates_the_schema_and_can_run_again(service_env):
     models.db.drop_tables(models.MODELS)
     models.db.close()
     env = {**os.environ, 'DATABASE_URL': service_env['DATABASE_URL']}
     for _ in range(2):  # idempotent
-        result = subprocess.run([sys.executable, 'models.py', 'init'], cwd=ROOT, env=env,
+        result = subprocess.run([sys.executable, 'models.py', 'migrate'], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
-    assert set(models.db.get_tables()) >= {'person', 'outbox'}
+    assert set(models.db.get_tables()) >= {'person', 'outbox', 'schema_version'}
 
 
 # --- Mail, end to end -----------------------------------------------------------------------
