@@ -231,3 +231,23 @@ def test_concurrent_posts_with_one_key_make_one_person_and_one_mail(service, smt
     assert smtp.wait_for(1) == 1
     time.sleep(1.5)  # a second mail would arrive now
     assert len(smtp.received()) == 1
+
+
+def test_openapi_documents_the_headers_and_statuses(client):
+    paths = client.get('/openapi.json').json['paths']
+    item, create = paths['/person/{person_id}'], paths['/person']['post']
+
+    def headers(operation):
+        return {parameter['name'] for parameter in operation['parameters']
+                if parameter['in'] == 'header'}
+    assert headers(create) == {'Idempotency-Key'}
+    assert set(create['responses']['201']['headers']) == {'Location', 'ETag',
+                                                          'Idempotent-Replayed'}
+    assert headers(item['get']) == {'If-None-Match'}
+    assert {'200', '304'} <= set(item['get']['responses'])
+    assert 'ETag' in item['get']['responses']['304']['headers']
+    for method in ('put', 'patch', 'delete'):
+        assert headers(item[method]) == {'If-Match'}
+        assert {'412', '428'} <= set(item[method]['responses'])
+    for method in ('put', 'patch'):
+        assert 'ETag' in item[method]['responses']['200']['headers']
