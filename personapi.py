@@ -201,7 +201,7 @@ def read_idempotency_key(req, body):
     if not IDEMPOTENCY_KEY.match(key):
         raise falcon.HTTPInvalidHeader('It must be 1 to 255 visible ASCII characters.',
                                        'Idempotency-Key')
-    canonical = json.dumps(body, sort_keys=True, separators=(',', ':'), ensure_ascii=False)
+    canonical = json.dumps(body, sort_keys=True, separators=(',', ':'))  # ASCII: \ud800 too
     return models.digest(key), models.digest(canonical)
 
 

@@ -181,8 +181,9 @@ def test_keys_of_1_to_255_visible_characters_are_compared_exactly(client, key, a
     post_with_key(client, ADA, another_key, status=409)  # a new request: the address is taken
 
 
-@pytest.mark.parametrize('failing_body, status', [({**ADA, 'email': 'nope'}, 422),
-                                                  ({**GRACE, 'email': ADA['email']}, 409)])
+@pytest.mark.parametrize('failing_body, status', [
+    ({**ADA, 'email': 'nope'}, 422), ({**ADA, 'last_name': 'Love\ud800lace'}, 422),
+    ({**GRACE, 'email': ADA['email']}, 409)])
 def test_failed_requests_are_not_recorded(client, failing_body, status):
     post(client, ADA)
     post_with_key(client, failing_body, 'order-1', status=status)
