@@ -350,27 +350,61 @@ def skip_fsync_on_this_connection():
 def _version_2():
     """Persons get a version; SQLite's ids are never reused; POSTs remember their
     Idempotency-Key. Written to be run again after a partial run: MySQL commits each DDL."""
-    if is_sqlite():
-        _rebuild_sqlite_person_table()
-    elif 'version' not in {column.name for column in db.get_columns('person')}:
-        db.execute_sql('ALTER TABLE person ADD COLUMN version INTEGER NOT NULL DEFAULT 1')
+    if 'version' not in _columns('person'):
+        if is_sqlite():
+            _rebuild_sqlite_person_table()
+        else:
+            db.execute_sql('ALTER TABLE person ADD COLUMN version INTEGER NOT NULL DEFAULT 1')
     db.create_tables([IdempotencyKey], safe=True)
+
+
+def _columns(table):
+    return {column.name for column in db.get_columns(table)}
 
 
 def _rebuild_sqlite_person_table():
     """SQLite cannot add AUTOINCREMENT to a table: make it anew and copy every row over
-    (its ids included, which also starts the new table's counter after the highest)."""
-    db.execute_sql('DROP INDEX person_email_key')
-    db.execute_sql('ALTER TABLE person RENAME TO person_old')
-    db.create_tables([Person])
-    db.execute_sql('INSERT INTO person (id, first_name, last_name, email, email_key) '
-                   'SELECT id, first_name, last_name, email, email_key FROM person_old')
-    db.execute_sql('DROP TABLE person_old')
+    (its ids included, which also starts the new table's counter after the highest), in
+    the order SQLite's documentation gives, so that tables referring to it still do."""
+    create = db.get_sql_context().sql(Person._schema._create_table(safe=False)).query()[0]
+    db.execute_sql(create.replace('"person"', '"person_new"', 1))
+    db.execute_sql('INSERT INTO person_new (id, first_name, last_name, email, email_key) '
+                   'SELECT id, first_name, last_name, email, email_key FROM person')
+    db.execute_sql('DROP TABLE person')
+    db.execute_sql('ALTER TABLE person_new RENAME TO person')
+    Person._schema.create_indexes()
+
+
+def _version_3():
+    """The outbox names its person instead of copying their address and names, and a sent
+    mail's row is deleted: a waiting or failed mail moves to the person with its address,
+    if there still is one; its give-up clock starts now. Run again after a partial run, it
+    starts from the old table again."""
+    if 'outbox_v2' not in db.get_tables():
+        if 'person_id' in _columns('outbox'):
+            return  # done, but the crash came before its version was recorded
+        db.execute_sql('DROP INDEX outbox_status_due_at' +
+                       (' ON outbox' if isinstance(db.obj, peewee.MySQLDatabase) else ''))
+        db.execute_sql('ALTER TABLE outbox RENAME TO outbox_v2')
+        if isinstance(db.obj, peewee.PostgresqlDatabase):  # names unique in the whole schema
+            db.execute_sql('ALTER SEQUENCE outbox_id_seq RENAME TO outbox_v2_id_seq')
+            db.execute_sql('ALTER INDEX outbox_pkey RENAME TO outbox_v2_pkey')
+    db.create_tables([Outbox], safe=True)
+    Outbox.delete().execute()
+    now, param = time.time(), db.param
+    db.execute_sql(
+        'INSERT INTO outbox (person_id, status, created_at, due_at, attempts, claim, '
+        'last_error, failed_at) '
+        f"SELECT person.id, outbox_v2.status, {param}, outbox_v2.due_at, outbox_v2.attempts, '', "
+        f"outbox_v2.last_error, CASE WHEN outbox_v2.status = 'failed' THEN {param} END "
+        'FROM outbox_v2 JOIN person ON person.email = outbox_v2.recipient '
+        "WHERE outbox_v2.status != 'sent'", (now, now))
+    db.execute_sql('DROP TABLE outbox_v2')
 
 
 # MIGRATIONS[n - 2] brings a database of schema version n - 1 to version n. Version 1 is the
 # schema made before versions were recorded; a new step goes at the end.
-MIGRATIONS = [_version_2]
+MIGRATIONS = [_version_2, _version_3]
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 
@@ -408,14 +442,27 @@ def _schema_lock():
     elif isinstance(db.obj, peewee.MySQLDatabase):
         lock, unlock = "SELECT GET_LOCK('personapi_schema', 60)", "SELECT RELEASE_LOCK('personapi_schema')"
     else:
-        with db.atomic():  # SQLite: BEGIN IMMEDIATE already admits one writer at a time
-            yield
+        yield from _sqlite_schema_transaction()
         return
     db.execute_sql(lock)
     try:
         yield
     finally:
         db.execute_sql(unlock)
+
+
+def _sqlite_schema_transaction():
+    """BEGIN IMMEDIATE already admits one writer at a time. Foreign keys are off meanwhile,
+    as SQLite asks for rebuilding a table (dropping the old one would cascade), and checked
+    before the commit."""
+    db.execute_sql('PRAGMA foreign_keys = OFF')  # a no-op inside a transaction: before BEGIN
+    try:
+        with db.atomic():
+            yield
+            if db.execute_sql('PRAGMA foreign_key_check').fetchone():
+                raise peewee.IntegrityError('the migrated schema breaks a foreign key')
+    finally:
+        db.execute_sql('PRAGMA foreign_keys = ON')
 
 
 def main(argv):
