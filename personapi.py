@@ -244,7 +244,8 @@ class PersonCollection:
         with models.write_transaction():
             person_id = models.insert(Person, **fields)
             mailer.enqueue_welcome(person_id)
-            document = json.dumps(person_document(Person(id=person_id, **fields)))
+            document = json.dumps(person_document(Person(id=person_id, **fields)),
+                                  ensure_ascii=False)  # as resp.media writes it
             if key:
                 key_hash, fingerprint = key
                 models.insert(IdempotencyKey, key_hash=key_hash, fingerprint=fingerprint,
