@@ -135,6 +135,9 @@ class Config:
     web_concurrency: int = _setting(0, '0 (one per core) or more', _at_least(0))
     metrics: bool = True  # serve GET /metrics (Prometheus)
     log_format: str = _setting('text', 'text or json', lambda value: value in ('text', 'json'))
+    require_if_match: bool = False  # PUT, PATCH and DELETE without If-Match are 428
+    # Seconds a POST's Idempotency-Key is remembered.
+    idempotency_ttl: float = _setting(86400.0, 'more than 0 seconds', _positive)
 
     def __post_init__(self):
         for field in dataclasses.fields(self):

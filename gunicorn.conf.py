@@ -57,12 +57,12 @@ logs.configure(app_config.log_format)
 
 
 def on_starting(server):
-    """Create the schema and an empty metrics directory in the master, once, before any
-    worker exists."""
+    """Create or migrate the schema and make an empty metrics directory in the master,
+    once, before any worker exists."""
     import models
 
     models.connect(app_config.database_url)
-    models.create_schema()
+    models.migrate()
     with models.db.connection_context():
         models.truncate_wal()  # what a crash left of an erasure in the WAL goes now
     if app_config.metrics:

@@ -1,6 +1,8 @@
-"""Storage: the Person and Outbox models, bound at start-up to DATABASE_URL.
+"""Storage: the Person, IdempotencyKey and Outbox models, bound at start-up to DATABASE_URL,
+and the schema's migrations.
 
-`python models.py init` creates the schema by hand; gunicorn's master does it before forking.
+`python models.py migrate` creates the schema or brings an older one up to date; gunicorn's
+master does it before forking.
 """
 
 import contextlib
@@ -40,13 +42,50 @@ class BaseModel(peewee.Model):
         database = db
 
 
+class IdField(peewee.AutoField):
+    """An id that no row gets twice, not even after the newest row is deleted: PostgreSQL's
+    sequences and InnoDB's counter never go back, SQLite does unless told AUTOINCREMENT."""
+
+    def ddl(self, ctx):
+        ddl = super().ddl(ctx)
+        return peewee.NodeList((ddl, peewee.SQL('AUTOINCREMENT'))) if is_sqlite() else ddl
+
+
 class Person(BaseModel):
+    id = IdField()
     first_name = peewee.CharField(max_length=MAX_NAME_LENGTH)
     last_name = peewee.CharField(max_length=MAX_NAME_LENGTH)
     email = peewee.CharField(max_length=MAX_EMAIL_LENGTH)
     # See email_key(): its unique index makes the database itself refuse a second person
     # with the same address in another case.
     email_key = peewee.FixedCharField(max_length=64, unique=True)
+    # Counts the row's changes: the API's ETag. DEFAULT in the DDL, so that adding the
+    # column to a table gives the rows already there their first version.
+    version = peewee.IntegerField(default=1, constraints=[peewee.SQL('DEFAULT 1')])
+
+
+class IdempotencyKey(BaseModel):
+    """The outcome of a POST sent with an Idempotency-Key, written in the same transaction
+    as its person and erased with it."""
+
+    key_hash = peewee.FixedCharField(max_length=64, primary_key=True)  # see digest()
+    fingerprint = peewee.FixedCharField(max_length=64)  # digest() of the request's body
+    person = peewee.ForeignKeyField(Person, on_delete='CASCADE')
+    response = peewee.TextField()  # the 201's body, as sent
+    created_at = peewee.DoubleField(index=True)
+
+    @classmethod
+    def find(cls, key_hash, *, not_before):
+        return cls.get_or_none(cls.key_hash == key_hash, cls.created_at >= not_before)
+
+    @classmethod
+    def purge(cls, *, before):
+        """Delete the records older than `before`: read first, so that the usual case,
+        nothing to purge, writes nothing and takes no lock."""
+        expired = cls.created_at < before
+        if cls.select(cls.key_hash).where(expired).exists():
+            with write_transaction():
+                cls.delete().where(expired).execute()
 
 
 class Outbox(BaseModel):
@@ -143,7 +182,17 @@ class Outbox(BaseModel):
             cls.update(claim='', **changes).where(which).execute()
 
 
-MODELS = [Person, Outbox]
+class SchemaVersion(BaseModel):
+    """One row per schema version the database has reached; the highest is its schema."""
+
+    version = peewee.IntegerField(primary_key=True)
+    applied_at = peewee.DoubleField(default=time.time)
+
+    class Meta:
+        table_name = 'schema_version'
+
+
+MODELS = [Person, IdempotencyKey, Outbox, SchemaVersion]
 
 # The hot paths' SQL, built once per bound database (connect() empties it): peewee's query
 # builder costs more than running the statement (30 times more for the lookup by id).
@@ -156,7 +205,12 @@ _sqlite_writers = threading.RLock()  # re-entrant: a nested write becomes a save
 def email_key(email):
     """The address lower-cased and hashed: equal exactly when the addresses are equal but
     for case, on every engine (MySQL's default collation would also equate 'é' and 'e')."""
-    return hashlib.sha256(email.lower().encode()).hexdigest()
+    return digest(email.lower())
+
+
+def digest(text):
+    """SHA-256 of `text` in hex: a key compared exactly, whatever the engine's collation."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def connect(url):
@@ -188,16 +242,47 @@ def _statement(key, query):
     return sql
 
 
-def find_email(person_id):
-    """The person's (id, email), or None."""
-    sql = _statement('find_email',
-                     lambda: Person.select(Person.id, Person.email).where(Person.id == 0))
+def find_email_and_version(person_id):
+    """The person's (id, email, version), or None."""
+    sql = _statement('find_email_and_version', lambda: Person.select(
+        Person.id, Person.email, Person.version).where(Person.id == 0))
     return db.execute_sql(sql, (person_id,)).fetchone()
 
 
+def update_person(person_id, fields, versions=None):
+    """Set `fields` of the person and count the change, if it is at one of `versions`
+    (None: at any); returns the person as changed, or None when no row qualified.
+
+    One conditional UPDATE: atomic on every engine, changing only the columns named, with
+    no lock held between a read and the write.
+    """
+    query = Person.update(**fields, version=Person.version + 1).where(Person.id == person_id)
+    if versions is not None:
+        query = query.where(Person.version.in_(versions))
+    with write_transaction():
+        if versions == [] or not query.execute():
+            return None
+        return Person.get_by_id(person_id)
+
+
+def delete_person(person_id, versions=None):
+    """Delete the person if it is at one of `versions` (None: at any); True if it was."""
+    query = Person.delete().where(Person.id == person_id)
+    if versions is not None:
+        query = query.where(Person.version.in_(versions))
+    return versions != [] and bool(query.execute())
+
+
+def person_exists(person_id):
+    return Person.select(Person.id).where(Person.id == person_id).exists()
+
+
 def insert(model, **values):
-    """INSERT one row of `model` (defaults fill the columns not given); returns its id."""
-    columns = model._meta.sorted_fields[1:]  # all but the primary key, in peewee's order
+    """INSERT one row of `model` (defaults fill the columns not given); returns the id the
+    database gave it, for a model whose id the database assigns."""
+    # Every column in peewee's order, but an id the database assigns.
+    columns = [field for field in model._meta.sorted_fields
+               if not isinstance(field, peewee.AutoField)]
     row = {column: values[column.name] if column.name in values else _default(column)
            for column in columns}
     sql = _statement(model, lambda: model.insert(row))
@@ -262,23 +347,102 @@ def skip_fsync_on_this_connection():
         db.execute_sql('PRAGMA synchronous = NORMAL')
 
 
-def create_schema():
-    """Create the tables if missing: idempotent, and safe when replicas start together."""
-    with db.connection_context():
-        with _schema_lock():
-            db.create_tables(MODELS, safe=True)
+def _version_2():
+    """Persons get a version; SQLite's ids are never reused; POSTs remember their
+    Idempotency-Key. Written to be run again after a partial run: MySQL commits each DDL."""
+    if 'version' not in _columns('person'):
+        if is_sqlite():
+            _rebuild_sqlite_person_table()
+        else:
+            db.execute_sql('ALTER TABLE person ADD COLUMN version INTEGER NOT NULL DEFAULT 1')
+    db.create_tables([IdempotencyKey], safe=True)
+
+
+def _columns(table):
+    return {column.name for column in db.get_columns(table)}
+
+
+def _rebuild_sqlite_person_table():
+    """SQLite cannot add AUTOINCREMENT to a table: make it anew and copy every row over
+    (its ids included, which also starts the new table's counter after the highest), in
+    the order SQLite's documentation gives, so that tables referring to it still do."""
+    create = db.get_sql_context().sql(Person._schema._create_table(safe=False)).query()[0]
+    db.execute_sql(create.replace('"person"', '"person_new"', 1))
+    db.execute_sql('INSERT INTO person_new (id, first_name, last_name, email, email_key) '
+                   'SELECT id, first_name, last_name, email, email_key FROM person')
+    db.execute_sql('DROP TABLE person')
+    db.execute_sql('ALTER TABLE person_new RENAME TO person')
+    Person._schema.create_indexes()
+
+
+def _version_3():
+    """The outbox names its person instead of copying their address and names, and a sent
+    mail's row is deleted: a waiting or failed mail moves to the person with its address,
+    if there still is one; its give-up clock starts now. Run again after a partial run, it
+    starts from the old table again."""
+    if 'outbox_v2' not in db.get_tables():
+        if 'person_id' in _columns('outbox'):
+            return  # done, but the crash came before its version was recorded
+        db.execute_sql('DROP INDEX outbox_status_due_at' +
+                       (' ON outbox' if isinstance(db.obj, peewee.MySQLDatabase) else ''))
+        db.execute_sql('ALTER TABLE outbox RENAME TO outbox_v2')
+        if isinstance(db.obj, peewee.PostgresqlDatabase):  # names unique in the whole schema
+            db.execute_sql('ALTER SEQUENCE outbox_id_seq RENAME TO outbox_v2_id_seq')
+            db.execute_sql('ALTER INDEX outbox_pkey RENAME TO outbox_v2_pkey')
+    db.create_tables([Outbox], safe=True)
+    Outbox.delete().execute()
+    now, param = time.time(), db.param
+    db.execute_sql(
+        'INSERT INTO outbox (person_id, status, created_at, due_at, attempts, claim, '
+        'last_error, failed_at) '
+        f"SELECT person.id, outbox_v2.status, {param}, outbox_v2.due_at, outbox_v2.attempts, '', "
+        f"outbox_v2.last_error, CASE WHEN outbox_v2.status = 'failed' THEN {param} END "
+        'FROM outbox_v2 JOIN person ON person.email = outbox_v2.recipient '
+        "WHERE outbox_v2.status != 'sent'", (now, now))
+    db.execute_sql('DROP TABLE outbox_v2')
+
+
+# MIGRATIONS[n - 2] brings a database of schema version n - 1 to version n. Version 1 is the
+# schema made before versions were recorded; a new step goes at the end.
+MIGRATIONS = [_version_2, _version_3]
+SCHEMA_VERSION = len(MIGRATIONS) + 1
+
+
+def migrate():
+    """Create the schema in an empty database, or bring an older one up to SCHEMA_VERSION,
+    each step in a transaction with the record of its version. Serialised across processes,
+    so replicas may start together."""
+    with db.connection_context(), _schema_lock():
+        version = schema_version()
+        if version is None:
+            with db.atomic():
+                db.create_tables(MODELS)
+                SchemaVersion.create(version=SCHEMA_VERSION)
+            return
+        for version in range(version + 1, SCHEMA_VERSION + 1):
+            with db.atomic():
+                SchemaVersion.create_table()  # version 1 had no record of its version
+                MIGRATIONS[version - 2]()
+                SchemaVersion.create(version=version)
+
+
+def schema_version():
+    """The database's schema version; None when it has no tables yet."""
+    tables = db.get_tables()
+    if SchemaVersion._meta.table_name in tables:
+        return SchemaVersion.select(peewee.fn.MAX(SchemaVersion.version)).scalar()
+    return 1 if Person._meta.table_name in tables else None
 
 
 @contextlib.contextmanager
 def _schema_lock():
-    """Serialise schema creation across processes: DDL is not atomic on every engine."""
+    """Serialise migrations across processes: DDL is not atomic on every engine."""
     if isinstance(db.obj, peewee.PostgresqlDatabase):
         lock, unlock = 'SELECT pg_advisory_lock(7421001)', 'SELECT pg_advisory_unlock(7421001)'
     elif isinstance(db.obj, peewee.MySQLDatabase):
         lock, unlock = "SELECT GET_LOCK('personapi_schema', 60)", "SELECT RELEASE_LOCK('personapi_schema')"
     else:
-        with db.atomic():  # SQLite: BEGIN IMMEDIATE already admits one writer at a time
-            yield
+        yield from _sqlite_schema_transaction()
         return
     db.execute_sql(lock)
     try:
@@ -287,14 +451,28 @@ def _schema_lock():
         db.execute_sql(unlock)
 
 
+def _sqlite_schema_transaction():
+    """BEGIN IMMEDIATE already admits one writer at a time. Foreign keys are off meanwhile,
+    as SQLite asks for rebuilding a table (dropping the old one would cascade), and checked
+    before the commit."""
+    db.execute_sql('PRAGMA foreign_keys = OFF')  # a no-op inside a transaction: before BEGIN
+    try:
+        with db.atomic():
+            yield
+            if db.execute_sql('PRAGMA foreign_key_check').fetchone():
+                raise peewee.IntegrityError('the migrated schema breaks a foreign key')
+    finally:
+        db.execute_sql('PRAGMA foreign_keys = ON')
+
+
 def main(argv):
-    if argv[1:] != ['init']:
-        sys.exit('usage: python models.py init')
+    if argv[1:] != ['migrate']:
+        sys.exit('usage: python models.py migrate')
     from config import Config
 
     connect(Config.from_env_or_exit().database_url)
-    create_schema()
-    print('schema ready')
+    migrate()
+    print(f'schema version {SCHEMA_VERSION}')
 
 
 if __name__ == '__main__':

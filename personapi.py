@@ -8,6 +8,8 @@ the module-level `app`, for `gunicorn personapi:app`, builds them from the envir
 """
 
 import json
+import re
+import time
 
 import email_validator
 import falcon
@@ -20,7 +22,7 @@ from docs import JSON, MERGE_PATCH, PERSON_FIELDS, OpenAPI, openapi_document
 from config import Config, parse_networks, rate_limiting_enabled
 from edge import (BearerToken, BodyTimeout, ConnectionPerRequest, RateLimit, RequestId,
                   SecurityHeaders, handle_database_down, handle_unexpected, serialize_error)
-from models import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, Person, db
+from models import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, IdempotencyKey, Person, db
 
 MAX_BODY_BYTES = 64 * 1024
 # Ids the routes accept: anything else (negative, huge, not a number) is simply not found.
@@ -154,63 +156,169 @@ def _not_found(person_id):
     return falcon.HTTPNotFound(description=f'No person has the id {person_id}.')
 
 
+# --- Conditional requests (RFC 9110) and Idempotency-Key ------------------------------------
+
+IDEMPOTENCY_KEY = re.compile(r'[\x21-\x7e]{1,255}\Z')  # visible ASCII
+VERSION = re.compile(r'[0-9]{1,18}\Z')  # more digits could overflow a database integer
+
+
+def entity_tag(person_id, version):
+    """The opaque part of a person's strong ETag: the id too, so that one person's tag
+    never matches another's."""
+    return f'{person_id}-{version}'
+
+
+def if_match_versions(req, person_id):
+    """The person's versions that If-Match accepts; None for any (no header, or `*`).
+    Compared strongly: a weak tag, or another person's, matches nothing."""
+    tags = req.if_match
+    if tags is None or tags == ['*']:
+        return None
+    prefix = f'{person_id}-'
+    return [int(tag[len(prefix):]) for tag in tags
+            if not tag.is_weak and tag.startswith(prefix) and VERSION.match(tag[len(prefix):])]
+
+
+def if_none_match_hits(req, tag):
+    """Whether If-None-Match names `tag` (compared weakly, as RFC 9110 asks) or is `*`."""
+    tags = req.if_none_match
+    return tags is not None and (tags == ['*'] or tag in tags)
+
+
+def _unchanged_or_gone(person_id):
+    """Why a conditional write matched no row: the person changed since the client's tag,
+    or is gone."""
+    if models.person_exists(person_id):
+        return falcon.HTTPPreconditionFailed(
+            description='If-Match: the person has changed; GET it again for its current ETag.')
+    return _not_found(person_id)
+
+
+def read_idempotency_key(req, body):
+    """(digest of the Idempotency-Key, digest of the body), or None without the header."""
+    key = req.get_header('Idempotency-Key')
+    if key is None:
+        return None
+    if not IDEMPOTENCY_KEY.match(key):
+        raise falcon.HTTPInvalidHeader('It must be 1 to 255 visible ASCII characters.',
+                                       'Idempotency-Key')
+    canonical = json.dumps(body, sort_keys=True, separators=(',', ':'))  # ASCII: \ud800 too
+    return models.digest(key), models.digest(canonical)
+
+
+def _created(resp, person_id, document):
+    resp.status = falcon.HTTP_201
+    resp.location = f'/person/{person_id}'
+    resp.etag = entity_tag(person_id, Person.version.default)
+    resp.content_type = JSON
+    resp.text = document
+
+
 # --- Resources ------------------------------------------------------------------------------
 
 class PersonCollection:
-    def __init__(self, courier):
+    def __init__(self, courier, idempotency_ttl):
         self._courier = courier
+        self._idempotency_ttl = idempotency_ttl
 
     def on_post(self, req, resp):
-        fields = clean_person(read_json(req))
+        body = read_json(req)
+        key = read_idempotency_key(req, body)
+        if key:
+            IdempotencyKey.purge(before=time.time() - self._idempotency_ttl)
+            if self._replay(resp, *key):
+                return
+        fields = clean_person(body)
         try:
-            with models.write_transaction():
-                person_id = models.insert(Person, **fields)
-                mailer.enqueue_welcome(person_id)
+            person_id, document = self._create(fields, key)
         except peewee.IntegrityError:
+            # The address is taken, perhaps by a request with the same key that just won.
+            if key and self._replay(resp, *key):
+                return
             raise _conflict()
         self._courier.wake()
-        resp.status = falcon.HTTP_201
-        resp.location = f'/person/{person_id}'
-        resp.media = person_document(Person(id=person_id, **fields))
+        _created(resp, person_id, document)
+
+    @staticmethod
+    def _create(fields, key):
+        """Insert the person, its welcome mail and the record of its key, as one."""
+        with models.write_transaction():
+            person_id = models.insert(Person, **fields)
+            mailer.enqueue_welcome(person_id)
+            document = json.dumps(person_document(Person(id=person_id, **fields)),
+                                  ensure_ascii=False)  # as resp.media writes it
+            if key:
+                key_hash, fingerprint = key
+                models.insert(IdempotencyKey, key_hash=key_hash, fingerprint=fingerprint,
+                              person=person_id, response=document, created_at=time.time())
+        return person_id, document
+
+    def _replay(self, resp, key_hash, fingerprint):
+        """Answer again what the first request with this key was answered, if there was one."""
+        record = IdempotencyKey.find(key_hash, not_before=time.time() - self._idempotency_ttl)
+        if record is None:
+            return False
+        if record.fingerprint != fingerprint:
+            raise falcon.HTTPUnprocessableEntity(
+                title='Idempotency-Key reused',
+                description='Idempotency-Key: this key came with another body; '
+                            'send a new key for a new request.')
+        _created(resp, record.person_id, record.response)
+        resp.set_header('Idempotent-Replayed', 'true')
+        return True
 
 
 class PersonItem:
+    def __init__(self, require_if_match):
+        self._require_if_match = require_if_match
+
     def on_get(self, req, resp, person_id):
-        row = models.find_email(person_id)
+        row = models.find_email_and_version(person_id)
         if row is None:
             raise _not_found(person_id)
+        resp.etag = tag = entity_tag(person_id, row[2])
+        if if_none_match_hits(req, tag):
+            resp.status = falcon.HTTP_304
+            return
         resp.media = {'id': row[0], 'email': row[1]}
 
     def on_put(self, req, resp, person_id):
-        resp.media = self._update(person_id, clean_person(read_json(req), person_id=person_id))
+        versions = self._if_match(req, person_id)
+        fields = clean_person(read_json(req), person_id=person_id)
+        self._update(resp, person_id, fields, versions)
 
     def on_patch(self, req, resp, person_id):
+        versions = self._if_match(req, person_id)
         patch = read_json(req, media_types=(JSON, MERGE_PATCH))
-        resp.media = self._update(person_id, clean_person(patch, person_id=person_id,
-                                                          partial=True))
+        fields = clean_person(patch, person_id=person_id, partial=True)
+        self._update(resp, person_id, fields, versions)
 
     def on_delete(self, req, resp, person_id):
+        versions = self._if_match(req, person_id)
         with models.write_transaction():
-            deleted = Person.delete().where(Person.id == person_id).execute()
+            # The person's Idempotency-Key record goes with it (its foreign key cascades).
+            deleted = models.delete_person(person_id, versions)
         if not deleted:
-            raise _not_found(person_id)
+            raise _unchanged_or_gone(person_id)
         models.erase_traces()
         resp.status = falcon.HTTP_204
 
+    def _if_match(self, req, person_id):
+        if self._require_if_match and req.if_match is None:
+            raise falcon.HTTPPreconditionRequired(
+                description="If-Match: send the person's ETag (from GET or the last write).")
+        return if_match_versions(req, person_id)
+
     @staticmethod
-    def _update(person_id, fields):
+    def _update(resp, person_id, fields, versions):
         try:
-            with models.write_transaction():
-                person = Person.get_or_none(Person.id == person_id)
-                if person is None:
-                    raise _not_found(person_id)
-                for field, value in fields.items():
-                    setattr(person, field, value)
-                if fields:
-                    person.save()
+            person = models.update_person(person_id, fields, versions)
         except peewee.IntegrityError:
             raise _conflict()
-        return person_document(person)
+        if person is None:
+            raise _unchanged_or_gone(person_id)
+        resp.etag = entity_tag(person_id, person.version)
+        resp.media = person_document(person)
 
 
 class Health:
@@ -243,8 +351,8 @@ def create_app(config, courier):
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler((peewee.OperationalError, peewee.InterfaceError), handle_database_down)
-    app.add_route('/person', PersonCollection(courier))
-    app.add_route(PERSON_ROUTE, PersonItem())
+    app.add_route('/person', PersonCollection(courier, config.idempotency_ttl))
+    app.add_route(PERSON_ROUTE, PersonItem(config.require_if_match))
     app.add_route('/healthz', Health())
     app.add_route('/readyz', Readiness())
     app.add_route('/openapi.json', OpenAPI(openapi_document()))

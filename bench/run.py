@@ -112,7 +112,7 @@ def seed(path, persons):
     import models
 
     models.connect(f'sqlite:///{path}')
-    models.create_schema()
+    models.migrate()
     models.db.close()
     connection = sqlite3.connect(path, isolation_level=None)
     connection.execute('PRAGMA synchronous=OFF')  # a seed needs no durability

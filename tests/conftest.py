@@ -14,7 +14,7 @@ import mailer
 import models
 import personapi
 from config import Config
-from support import SmtpSink
+from support import Service, SmtpSink
 
 SERVER_ENGINES = {'postgres': 'TEST_POSTGRES_URL', 'mysql': 'TEST_MYSQL_URL'}
 
@@ -55,7 +55,7 @@ def database_url(engine, tmp_path):
     models.connect(url)
     if server_url:
         models.db.drop_tables(models.MODELS, safe=True)
-    models.create_schema()
+    models.migrate()
     yield url
     models.db.close()
 
@@ -90,3 +90,11 @@ def service_env(database_url, smtp):
     models.db.close()  # the service's processes open their own connections
     return {'DATABASE_URL': database_url, 'SMTP_HOST': '127.0.0.1', 'SMTP_PORT': str(smtp.port),
             'MAIL_MAX_BACKOFF': '1', 'RATE_LIMIT': 'off'}
+
+
+@pytest.fixture
+def service(service_env, tmp_path):
+    """A running gunicorn service on this test's database and SMTP sink."""
+    running = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
+    yield running
+    running.kill()

@@ -24,6 +24,7 @@ BAD_VALUES = [
     ('BODY_TIMEOUT', '-1'), ('BODY_TIMEOUT', '0'), ('FORWARDED_ALLOW_IPS', '10.0.0.300'),
     ('FORWARDED_ALLOW_IPS', 'proxy.example'), ('WEB_CONCURRENCY', '-1'),
     ('METRICS', 'sometimes'), ('LOG_FORMAT', 'xml'), ('LOG_FORMAT', 'JSON'),
+    ('REQUIRE_IF_MATCH', 'sometimes'), ('IDEMPOTENCY_TTL', '0'), ('IDEMPOTENCY_TTL', 'a day'),
 ]
 
 
@@ -47,6 +48,7 @@ def test_every_variable_has_a_bad_value_in_the_table():
     {'RATE_LIMIT': '10/second', 'RATE_LIMIT_STORAGE': 'redis://127.0.0.1:6379/0',
      'FORWARDED_ALLOW_IPS': '10.0.0.0/8, 127.0.0.1', 'DATABASE_URL': 'mysql+pool://u@h/db'},
     {'FORWARDED_ALLOW_IPS': '*', 'MAIL_MAX_BACKOFF': '1.5', 'WEB_CONCURRENCY': '0'},
+    {'REQUIRE_IF_MATCH': '1', 'IDEMPOTENCY_TTL': '90.5'},
 ])
 def test_good_settings_are_taken(environ):
     config = Config.from_env(environ)
@@ -67,7 +69,7 @@ def test_gunicorn_refuses_to_start_with_a_bad_setting(tmp_path, name, value):
     assert not (tmp_path / 'persons.db').exists()  # stopped before touching anything
 
 
-@pytest.mark.parametrize('command', [['mailer.py', 'status'], ['models.py', 'init']])
+@pytest.mark.parametrize('command', [['mailer.py', 'status'], ['models.py', 'migrate']])
 def test_the_operator_commands_refuse_a_bad_setting_in_one_line(command):
     env = {**os.environ, 'SMTP_PORT': 'twenty-five'}
     result = subprocess.run([sys.executable, *command], cwd=ROOT, env=env, capture_output=True,

@@ -138,7 +138,7 @@ def test_an_app_line_names_the_request_it_is_about(app_log, client, monkeypatch)
 
     def broken(*args):
         raise ValueError(f'{ADDRESS} is broken')
-    monkeypatch.setattr(personapi.models, 'find_email', broken)
+    monkeypatch.setattr(personapi.models, 'find_email_and_version', broken)
     response = client.get('/person/1', status=500)
     (line,) = [line for line in map(json.loads, stream.getvalue().splitlines())
                if line['level'] == 'ERROR']

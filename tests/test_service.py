@@ -18,13 +18,6 @@ def person(number):
             'email': f'ada{number}@example.com'}
 
 
-@pytest.fixture
-def service(service_env, tmp_path):
-    running = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
-    yield running
-    running.kill()
-
-
 def in_parallel(calls, threads=16):
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         return list(pool.map(lambda call: call(), calls))
@@ -129,15 +122,15 @@ def test_the_master_holds_no_database_connection_to_share_with_workers(service, 
     assert any(database_file in open_files(worker) for worker in workers)
 
 
-def test_models_init_creates_the_schema_and_can_run_again(service_env):
+def test_models_migrate_creates_the_schema_and_can_run_again(service_env):
     models.db.drop_tables(models.MODELS)
     models.db.close()
     env = {**os.environ, 'DATABASE_URL': service_env['DATABASE_URL']}
     for _ in range(2):  # idempotent
-        result = subprocess.run([sys.executable, 'models.py', 'init'], cwd=ROOT, env=env,
+        result = subprocess.run([sys.executable, 'models.py', 'migrate'], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
-    assert set(models.db.get_tables()) >= {'person', 'outbox'}
+    assert set(models.db.get_tables()) >= {'person', 'outbox', 'schema_version'}
 
 
 # --- Mail, end to end -----------------------------------------------------------------------

@@ -1,0 +1,254 @@
+"""Writes that are safe to race and to retry: ids never reused, ETags with If-Match and
+If-None-Match, Idempotency-Key on POST; in-process, then against real gunicorn."""
+
+import dataclasses
+import json
+import time
+
+import pytest
+import webtest
+
+import personapi
+from models import IdempotencyKey, Person
+from test_api import ADA, GRACE, post, send, snapshot
+from test_service import in_parallel, person
+
+
+def etag(response):
+    return response.headers['ETag']
+
+
+def tag_of(person_id, version):
+    return f'"{person_id}-{version}"'
+
+
+# --- Ids ------------------------------------------------------------------------------------
+
+def test_ids_are_never_reused_even_after_the_newest_is_deleted(client):
+    first = post(client, ADA).json['id']
+    newest = post(client, GRACE).json['id']
+    client.delete(f'/person/{newest}', status=204)
+    client.delete(f'/person/{first}', status=204)
+    again = post(client, GRACE).json['id']
+    assert again > newest
+
+
+# --- ETags ----------------------------------------------------------------------------------
+
+def test_every_read_and_write_of_a_person_carries_its_strong_etag(client):
+    created = post(client, ADA)
+    person_id = created.json['id']
+    read = client.get(f'/person/{person_id}')
+    assert etag(created) == etag(read) == tag_of(person_id, 1)
+    replaced = client.put_json(f'/person/{person_id}', GRACE)
+    patched = client.patch_json(f'/person/{person_id}', {'first_name': 'Amazing'})
+    assert [etag(replaced), etag(patched)] == [tag_of(person_id, 2), tag_of(person_id, 3)]
+    assert etag(client.get(f'/person/{person_id}')) == etag(patched)
+
+
+WRITES = [('PUT', GRACE), ('PATCH', {'first_name': 'Amazing'}), ('DELETE', None)]
+
+
+def write(client, method, person_id, body, if_match, status='*'):
+    raw = json.dumps(body).encode() if body is not None else b''
+    return client.request(f'/person/{person_id}', method=method, body=raw, status=status,
+                          headers={'Content-Type': 'application/json', 'If-Match': if_match})
+
+
+def not_matching(person_id, stale, other_person):
+    """If-Match values that name no current version of `person_id`."""
+    current = stale.replace('-1"', '-2"')
+    return {'stale': stale, 'weak current': f'W/{current}', 'another person': other_person,
+            'unknown version': tag_of(person_id, 99), 'not a tag of ours': '"abc"',
+            'a huge version': tag_of(person_id, 10 ** 30), 'several, none current':
+            f'{stale}, "abc", W/{current}', 'empty tag': '""'}
+
+
+@pytest.mark.parametrize('case', list(not_matching(1, '"1-1"', '"2-2"')))
+@pytest.mark.parametrize('method, body', WRITES)
+def test_if_match_naming_no_current_version_is_412_and_changes_nothing(client, method, body,
+                                                                        case):
+    stale_response = post(client, ADA)
+    person_id = stale_response.json['id']
+    other = post(client, {**ADA, 'email': 'other@example.com'}).json['id']
+    client.patch_json(f'/person/{person_id}', {'last_name': 'King'})  # now at version 2
+    client.patch_json(f'/person/{other}', {'last_name': 'King'})
+    if_match = not_matching(person_id, etag(stale_response), tag_of(other, 2))[case]
+    before = snapshot()
+    response = write(client, method, person_id, body, if_match, status=412)
+    assert 'If-Match' in response.json['description']
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize('if_match', ['current', '*', 'stale, current', 'current, W/"x"'])
+@pytest.mark.parametrize('method, body', WRITES)
+def test_if_match_naming_the_current_version_writes(client, method, body, if_match):
+    created = post(client, ADA)
+    person_id, stale = created.json['id'], etag(created)
+    current = etag(client.patch_json(f'/person/{person_id}', {'last_name': 'King'}))
+    header = if_match.replace('current', current).replace('stale', stale)
+    response = write(client, method, person_id, body, header)
+    if method == 'DELETE':
+        assert response.status_int == 204
+        assert Person.select().count() == 0
+    else:
+        assert response.status_int == 200
+        assert etag(response) == tag_of(person_id, 3)
+        assert Person.get_by_id(person_id).version == 3
+
+
+@pytest.mark.parametrize('if_match', ['"1-1"', '*'])
+@pytest.mark.parametrize('method, body', WRITES)
+def test_if_match_on_an_unknown_person_is_404(client, method, body, if_match):
+    assert write(client, method, 999, body, if_match, status=404).json['title']
+
+
+@pytest.mark.parametrize('if_none_match, status', [
+    ('current', 304), ('W/current', 304), ('"abc", current', 304), ('*', 304),
+    ('stale', 200), ('"abc"', 200)])
+def test_get_with_if_none_match(client, if_none_match, status):
+    created = post(client, ADA)
+    person_id, stale = created.json['id'], etag(created)
+    current = etag(client.patch_json(f'/person/{person_id}', {'last_name': 'King'}))
+    header = if_none_match.replace('current', current).replace('stale', stale)
+    response = client.get(f'/person/{person_id}', headers={'If-None-Match': header},
+                          status=status)
+    assert etag(response) == current
+    assert (response.body == b'') == (status == 304)
+
+
+@pytest.fixture
+def strict_client(config, courier):
+    """The app with REQUIRE_IF_MATCH=1."""
+    strict = dataclasses.replace(config, require_if_match=True)
+    return webtest.TestApp(personapi.create_app(strict, courier))
+
+
+@pytest.mark.parametrize('method, body', WRITES)
+def test_require_if_match_makes_unconditional_writes_428(strict_client, method, body):
+    created = post(strict_client, ADA)
+    person_id = created.json['id']
+    before = snapshot()
+    raw = json.dumps(body).encode() if body is not None else b''
+    response = send(strict_client, method, f'/person/{person_id}', raw, status=428)
+    assert 'If-Match' in response.json['description']
+    assert snapshot() == before
+    assert write(strict_client, method, person_id, body, etag(created)).status_int in (200, 204)
+
+
+# --- Idempotency-Key ------------------------------------------------------------------------
+
+def post_with_key(client, body, key, status='*'):
+    return client.post_json('/person', body, headers={'Idempotency-Key': key}, status=status)
+
+
+def test_a_repeated_post_with_its_key_is_answered_again_and_creates_nothing(client):
+    first = post_with_key(client, ADA, 'order-1', status=201)
+    client.patch_json(first.headers['Location'], {'last_name': 'King'})  # later changes
+    before = snapshot()
+    again = post_with_key(client, dict(reversed(ADA.items())), 'order-1', status=201)
+    assert again.body == first.body and again.json == {'id': first.json['id'], **ADA}
+    assert again.headers['Location'] == first.headers['Location']
+    assert etag(again) == etag(first)
+    assert again.headers['Idempotent-Replayed'] == 'true'
+    assert 'Idempotent-Replayed' not in first.headers
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize('other_body', [GRACE, {**ADA, 'first_name': 'Augusta'}, {}])
+def test_the_same_key_with_another_body_is_422(client, other_body):
+    post_with_key(client, ADA, 'order-1', status=201)
+    before = snapshot()
+    response = post_with_key(client, other_body, 'order-1', status=422)
+    assert 'Idempotency-Key' in response.json['description']
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize('key', ['', 'x' * 256, 'with space', 'tab\there', 'clé', '\x7f'])
+def test_a_malformed_key_is_400(client, key):
+    before = snapshot()
+    response = post_with_key(client, ADA, key, status=400)
+    assert 'Idempotency-Key' in response.json['title'] + response.json['description']
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize('key, another_key', [
+    ('a', 'A'), ('~' * 255, '~' * 254 + '}'), ('ORDER-1', 'order-1'),
+    ('7f3c1a0e-3c4b-4f8e-9f3a-0d1e2b3c4d5e', '7f3c1a0e-3c4b-4f8e-9f3a-0d1e2b3c4d5f')])
+def test_keys_of_1_to_255_visible_characters_are_compared_exactly(client, key, another_key):
+    first = post_with_key(client, ADA, key, status=201)
+    assert post_with_key(client, ADA, key, status=201).json == first.json
+    post_with_key(client, ADA, another_key, status=409)  # a new request: the address is taken
+
+
+@pytest.mark.parametrize('failing_body, status', [
+    ({**ADA, 'email': 'nope'}, 422), ({**ADA, 'last_name': 'Love\ud800lace'}, 422),
+    ({**GRACE, 'email': ADA['email']}, 409)])
+def test_failed_requests_are_not_recorded(client, failing_body, status):
+    post(client, ADA)
+    post_with_key(client, failing_body, 'order-1', status=status)
+    assert post_with_key(client, GRACE, 'order-1', status=201).json['email'] == GRACE['email']
+    assert IdempotencyKey.select().count() == 1
+
+
+def test_an_expired_key_is_forgotten_and_purged(client):
+    post_with_key(client, ADA, 'order-1', status=201)
+    post_with_key(client, {**ADA, 'email': 'second@example.com'}, 'order-2', status=201)
+    IdempotencyKey.update(created_at=IdempotencyKey.created_at - 86400 - 1).execute()
+    response = post_with_key(client, GRACE, 'order-1', status=201)
+    assert 'Idempotent-Replayed' not in response.headers
+    assert [record.person_id for record in IdempotencyKey.select()] == [response.json['id']]
+
+
+def test_deleting_the_person_erases_the_record_of_its_key(client):
+    first = post_with_key(client, ADA, 'order-1', status=201)
+    client.delete(first.headers['Location'], status=204)
+    assert IdempotencyKey.select().count() == 0
+    again = post_with_key(client, ADA, 'order-1', status=201)
+    assert again.json['id'] != first.json['id']
+
+
+# --- Against real gunicorn ------------------------------------------------------------------
+
+def test_concurrent_patches_of_one_person_lose_no_change(service):
+    ids = [service.request('POST', '/person', person(n))[2]['id'] for n in range(60)]
+    calls = [lambda i=i, field=field: service.request('PATCH', f'/person/{i}', {field: 'New'})
+             for i in ids for field in ('first_name', 'last_name')]
+    assert [status for status, _, _ in in_parallel(calls)] == [200] * 120
+    lost = Person.select().where(Person.id.in_(ids), (Person.first_name != 'New') |
+                                 (Person.last_name != 'New') | (Person.version != 3)).count()
+    assert lost == 0
+
+
+def test_concurrent_posts_with_one_key_make_one_person_and_one_mail(service, smtp):
+    headers = {'Idempotency-Key': 'signup-ada'}
+    results = in_parallel([lambda: service.request('POST', '/person', ADA, headers=headers)] * 10,
+                          threads=10)
+    assert [status for status, _, _ in results] == [201] * 10
+    assert len({json.dumps(body) for _, _, body in results}) == 1
+    assert sorted(reply.get('Idempotent-Replayed', '') for _, reply, _ in results) == (
+        [''] + ['true'] * 9)
+    assert Person.select().count() == 1
+    assert smtp.wait_for(1) == 1
+    time.sleep(1.5)  # a second mail would arrive now
+    assert len(smtp.received()) == 1
+
+
+def test_openapi_documents_the_headers_and_statuses(client):
+    paths = client.get('/openapi.json').json['paths']
+    item, create = paths['/person/{person_id}'], paths['/person']['post']
+
+    def headers(operation):
+        return {parameter['name'] for parameter in operation['parameters']
+                if parameter['in'] == 'header'}
+    assert headers(create) == {'Idempotency-Key'}
+    assert set(create['responses']['201']['headers']) == {'Location', 'ETag',
+                                                          'Idempotent-Replayed'}
+    assert headers(item['get']) == {'If-None-Match'}
+    assert {'200', '304'} <= set(item['get']['responses'])
+    assert 'ETag' in item['get']['responses']['304']['headers']
+    for method in ('put', 'patch', 'delete'):
+        assert headers(item[method]) == {'If-Match'}
+        assert {'412', '428'} <= set(item[method]['responses'])
+    for method in ('put', 'patch'):
+        assert 'ETag' in item[method]['responses']['200']['headers']
