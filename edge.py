@@ -27,7 +27,9 @@ JSON = 'application/json'
 REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}\Z')
 WRITE_METHODS = frozenset({'POST', 'PUT', 'PATCH', 'DELETE'})
 BODY_METHODS = frozenset({'POST', 'PUT', 'PATCH'})
-OPEN_PATHS = frozenset({'/healthz', '/readyz', '/openapi.json'})  # never behind the token
+# Never behind the token: the probes, and the documentation with Swagger UI's files under /docs/.
+OPEN_PATHS = frozenset({'/', '/healthz', '/readyz', '/openapi.json', '/docs'})
+OPEN_PREFIX = '/docs/'
 
 
 class RequestId:
@@ -56,11 +58,13 @@ class RequestId:
 
 
 class SecurityHeaders:
-    """Responses are never sniffed as another type, and never cached: they hold personal data."""
+    """Responses are never sniffed as another type, and never cached (they hold personal
+    data) unless their resource says how (the documentation's files)."""
 
     def process_response(self, req, resp, resource, req_succeeded):
         resp.set_header('X-Content-Type-Options', 'nosniff')
-        resp.set_header('Cache-Control', 'no-store')
+        if not (req_succeeded and resp.get_header('Cache-Control')):
+            resp.set_header('Cache-Control', 'no-store')
 
 
 class BodyTimeout:
@@ -92,7 +96,7 @@ class BearerToken:
         self._token = token.encode()
 
     def process_request(self, req, resp):
-        if req.path in OPEN_PATHS:
+        if req.path in OPEN_PATHS or req.path.startswith(OPEN_PREFIX):
             return
         scheme, _, given = (req.get_header('Authorization') or '').partition(' ')
         if scheme.lower() != 'bearer' or not hmac.compare_digest(given.strip().encode(),

@@ -124,7 +124,8 @@ def test_openapi_documents_every_route_and_its_errors(client):
     document = client.get('/openapi.json').json
     assert document['openapi'].startswith('3.')
     paths = document['paths']
-    assert set(paths) == {'/person', '/person/{person_id}', '/healthz', '/readyz', '/openapi.json'}
+    assert set(paths) == {'/', '/person', '/person/{person_id}', '/healthz', '/readyz',
+                          '/openapi.json'}
     assert set(paths['/person/{person_id}']) >= {'get', 'put', 'patch', 'delete'}
     for status in ('201', '400', '409', '413', '415', '422'):
         assert status in paths['/person']['post']['responses']
@@ -295,8 +296,9 @@ def test_taking_another_persons_email_is_409(client, method):
 
 @pytest.mark.parametrize('method, path, allowed', [
     ('GET', '/person', {'POST'}), ('DELETE', '/person', {'POST'}),
-    ('POST', '/person/1', {'GET', 'PUT', 'PATCH', 'DELETE'}),
-    ('POST', '/healthz', {'GET'}), ('PUT', '/readyz', {'GET'}), ('DELETE', '/openapi.json', {'GET'}),
+    ('POST', '/person/1', {'GET', 'HEAD', 'PUT', 'PATCH', 'DELETE'}),
+    ('POST', '/healthz', {'GET', 'HEAD'}), ('PUT', '/readyz', {'GET', 'HEAD'}),
+    ('DELETE', '/openapi.json', {'GET', 'HEAD'}), ('POST', '/docs', {'GET', 'HEAD'}),
 ])
 def test_other_methods_are_405_with_allow(client, method, path, allowed):
     response = client.request(path, method=method, status=405)
