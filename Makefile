@@ -3,16 +3,26 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/pip install --quiet --disable-pip-version-check
+PORT ?= 8000
+MAILSINK_PORT ?= 1025
 
-.PHONY: run test fuzz mailsink deploy-check bench clean
+.PHONY: help run test fuzz mailsink deploy-check bench clean
+.DEFAULT_GOAL := help
+
+help:  ## list these targets
+	@awk -F ':.*## ' '/^[a-z-]+:.*## / { printf "  make %-14s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) -r requirements-dev.txt
 	touch $@
 
-run: $(BIN)/.installed  ## serve the API on 127.0.0.1:8000 (SQLite in data/)
-	$(BIN)/gunicorn personapi:app
+# gunicorn would retry a busy port five times and give no hint: say it at once.
+run: $(BIN)/.installed  ## serve the API on 127.0.0.1:8000 (another port: PORT=8001; SQLite in data/)
+	@$(BIN)/python -c 'import socket, sys; s = socket.socket(); \
+		s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' \
+		$(PORT) 2>/dev/null || { echo "Port $(PORT) is in use. Serve on another: make run PORT=$$(($(PORT) + 1))"; exit 1; }
+	$(BIN)/gunicorn --bind 127.0.0.1:$(PORT) personapi:app
 
 test: $(BIN)/.installed  ## the whole test suite
 	$(BIN)/pytest -q tests
@@ -24,8 +34,10 @@ $(BIN)/.installed-fuzz: $(BIN)/.installed requirements-fuzz.txt
 fuzz: $(BIN)/.installed-fuzz  ## schemathesis against the service's own OpenAPI document
 	cd tests && ../$(BIN)/python fuzz.py
 
-mailsink: $(BIN)/.installed  ## print every mail sent to localhost:1025
-	$(BIN)/python -m aiosmtpd -n -l localhost:1025
+mailsink: $(BIN)/.installed  ## print every mail sent to localhost:1025 (another port: MAILSINK_PORT=2525)
+	@echo "Mail sink listening on localhost:$(MAILSINK_PORT); each mail is printed here (Ctrl-C stops)."
+	@[ "$(MAILSINK_PORT)" = 1025 ] || echo "Start the service with SMTP_PORT=$(MAILSINK_PORT) to send here."
+	@$(BIN)/python -m aiosmtpd -n -l localhost:$(MAILSINK_PORT)
 
 $(BIN)/.installed-deploy: $(BIN)/.installed deploy/requirements.txt
 	$(PIP) -r deploy/requirements.txt
@@ -34,7 +46,7 @@ $(BIN)/.installed-deploy: $(BIN)/.installed deploy/requirements.txt
 deploy-check: $(BIN)/.installed-deploy  ## build and run the image, play deploy.yaml (as root)
 	PATH="$(CURDIR)/$(BIN):$$PATH" deploy/check.sh
 
-clean:
+clean:  ## remove the virtualenv, the local database and caches
 	rm -rf $(VENV) data .pytest_cache
 
 $(BIN)/.installed-bench: $(BIN)/.installed bench/requirements.txt

@@ -1,14 +1,23 @@
 """The API's description: the OpenAPI 3 document served at /openapi.json, built from the
-same limits the validation enforces.
+same limits the validation enforces, and the pages that show it to a person: Swagger UI at
+/docs, from files the service serves itself, and links to both at /.
 """
 
+import base64
+import functools
+import hashlib
 import json
 
+import falcon
+import swagger_ui_bundle
+
+import names
 from models import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH
 
 JSON = 'application/json'
 MERGE_PATCH = 'application/merge-patch+json'
 PERSON_FIELDS = ('first_name', 'last_name', 'email')
+MAX_PERSON_ID = 2**63 - 1  # the largest id every engine's 64-bit integer holds
 
 
 class OpenAPI:
@@ -18,6 +27,71 @@ class OpenAPI:
     def on_get(self, req, resp):
         resp.content_type = JSON
         resp.data = self._body
+
+
+class Index:
+    """Where a newcomer starts: links to the documentation."""
+
+    def on_get(self, req, resp):
+        resp.media = {'title': 'Person API', 'docs': '/docs', 'openapi': '/openapi.json'}
+
+
+# Swagger UI's files, under a path that names their version: a new version is a new URL,
+# so browsers may keep each file for good.
+SWAGGER_UI = swagger_ui_bundle.swagger_ui_path
+ASSETS_PATH = f'/docs/{SWAGGER_UI.name}'
+ASSET_TYPES = {'swagger-ui-bundle.js': 'text/javascript; charset=utf-8',
+               'swagger-ui.css': 'text/css; charset=utf-8', 'favicon-32x32.png': 'image/png'}
+# No top bar (it would load any URL typed in it) and no validator badge (it calls a
+# public validator with the document).
+SWAGGER_UI_SCRIPT = ("window.ui = SwaggerUIBundle({url: '/openapi.json', dom_id: '#swagger-ui', "
+                     "deepLinking: true, validatorUrl: null});")
+DOCS_PAGE = f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>Person API</title>
+<link rel="stylesheet" href="{ASSETS_PATH}/swagger-ui.css">
+<link rel="icon" type="image/png" href="{ASSETS_PATH}/favicon-32x32.png">
+</head>
+<body>
+<div id="swagger-ui"></div>
+<script src="{ASSETS_PATH}/swagger-ui-bundle.js"></script>
+<script>{SWAGGER_UI_SCRIPT}</script>
+</body>
+</html>
+""".encode()
+_script_hash = base64.b64encode(hashlib.sha256(SWAGGER_UI_SCRIPT.encode()).digest()).decode()
+# The browser itself refuses anything from another host; Swagger UI styles with inline
+# attributes and draws its icons from data: URLs.
+DOCS_POLICY = (f"default-src 'self'; script-src 'self' 'sha256-{_script_hash}'; "
+               "style-src 'self' 'unsafe-inline'; img-src 'self' data:; frame-ancestors 'none'")
+
+
+class DocsPage:
+    """Swagger UI for /openapi.json."""
+
+    def on_get(self, req, resp):
+        resp.content_type = 'text/html; charset=utf-8'
+        resp.cache_control = ['no-cache']  # revalidate: a new release may change the page
+        resp.set_header('Content-Security-Policy', DOCS_POLICY)
+        resp.data = DOCS_PAGE
+
+
+class DocsAsset:
+    """One of Swagger UI's files, read once per process."""
+
+    def on_get(self, req, resp, name):
+        if name not in ASSET_TYPES:
+            raise falcon.HTTPNotFound(description=f'No file {name} here.')
+        resp.content_type = ASSET_TYPES[name]
+        resp.cache_control = ['public', 'max-age=31536000', 'immutable']
+        resp.data = _asset(name)
+
+
+@functools.cache
+def _asset(name):
+    return (SWAGGER_UI / name).read_bytes()
 
 
 def _error_responses(*statuses):
@@ -33,14 +107,11 @@ def _error_responses(*statuses):
 
 
 def openapi_document():
-    allowed = r'[^\u0000-\u001f\u007f-\u009f\u2028\u2029]'
-    name = {'type': 'string', 'minLength': 1, 'maxLength': MAX_NAME_LENGTH,
-            'pattern': f'^{allowed}*[^\\s\\u0000-\\u001f\\u007f-\\u009f\\u2028\\u2029]{allowed}*$',
-            'description': 'Trimmed; no control characters.'}
+    name = {'$ref': '#/components/schemas/Name'}
     email = {'type': 'string', 'format': 'email', 'maxLength': MAX_EMAIL_LENGTH}
     person_input = {'type': 'object', 'additionalProperties': False,
                     'properties': {'first_name': name, 'last_name': name, 'email': email}}
-    person_id = {'type': 'integer', 'minimum': 1}
+    person_id = {'type': 'integer', 'minimum': 1, 'maximum': MAX_PERSON_ID}
 
     def body(ref, *types):
         return {'required': True, 'content': {t: {'schema': {'$ref': ref}} for t in types}}
@@ -108,6 +179,8 @@ def openapi_document():
         'openapi': '3.0.3',
         'info': {'title': 'Person API', 'version': '1.0.0'},
         'paths': {
+            '/': {'get': {'summary': 'Links to this document and to /docs', 'operationId': 'index',
+                          'responses': {'200': ok('Links', '#/components/schemas/Index')}}},
             '/person': collection,
             '/person/{person_id}': item,
             '/healthz': {'get': {'summary': 'The process is up', 'operationId': 'health',
@@ -125,6 +198,11 @@ def openapi_document():
         'components': {
             'securitySchemes': {'bearer': {'type': 'http', 'scheme': 'bearer'}},
             'schemas': {
+                'Name': {'type': 'string', 'minLength': 1, 'maxLength': MAX_NAME_LENGTH,
+                         'pattern': names.pattern(),
+                         'description': 'Trimmed; at least one letter, digit, punctuation mark '
+                                        'or symbol; no control characters, no bidirectional '
+                                        'embeddings, overrides or isolates.'},
                 'PersonCreate': {**person_input,
                                  'required': list(PERSON_FIELDS)},
                 'PersonReplace': {**person_input, 'required': list(PERSON_FIELDS)},
@@ -137,6 +215,9 @@ def openapi_document():
                                 'required': ['id', 'email'],
                                 'properties': {'id': person_id, 'email': email}},
                 'Status': status,
+                'Index': {'type': 'object', 'required': ['title', 'docs', 'openapi'],
+                          'properties': {key: {'type': 'string'}
+                                         for key in ('title', 'docs', 'openapi')}},
                 'Error': {'type': 'object', 'required': ['title'],
                           'properties': {'title': {'type': 'string'},
                                          'description': {'type': 'string'},

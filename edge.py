@@ -29,8 +29,10 @@ JSON = 'application/json'
 REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}\Z')
 WRITE_METHODS = frozenset({'POST', 'PUT', 'PATCH', 'DELETE'})
 BODY_METHODS = frozenset({'POST', 'PUT', 'PATCH'})
-# Never behind the token: the probes, the API document, and metrics (counts, no personal data).
-OPEN_PATHS = frozenset({'/healthz', '/readyz', '/openapi.json', '/metrics'})
+# Never behind the token: the probes, the documentation with Swagger UI's files under /docs/,
+# and metrics (counts, no personal data).
+OPEN_PATHS = frozenset({'/', '/healthz', '/readyz', '/openapi.json', '/docs', '/metrics'})
+OPEN_PREFIX = '/docs/'
 
 
 class RequestId:
@@ -61,11 +63,13 @@ class RequestId:
 
 
 class SecurityHeaders:
-    """Responses are never sniffed as another type, and never cached: they hold personal data."""
+    """Responses are never sniffed as another type, and never cached (they hold personal
+    data) unless their resource says how (the documentation's files)."""
 
     def process_response(self, req, resp, resource, req_succeeded):
         resp.set_header('X-Content-Type-Options', 'nosniff')
-        resp.set_header('Cache-Control', 'no-store')
+        if not (req_succeeded and resp.get_header('Cache-Control')):
+            resp.set_header('Cache-Control', 'no-store')
 
 
 class BodyTimeout:
@@ -97,7 +101,7 @@ class BearerToken:
         self._token = token.encode()
 
     def process_request(self, req, resp):
-        if req.path in OPEN_PATHS:
+        if req.path in OPEN_PATHS or req.path.startswith(OPEN_PREFIX):
             return
         scheme, _, given = (req.get_header('Authorization') or '').partition(' ')
         if scheme.lower() != 'bearer' or not hmac.compare_digest(given.strip().encode(),

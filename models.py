@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -220,7 +221,7 @@ def connect(url):
     if scheme == 'sqlite':
         options = SQLITE_OPTIONS
         if in_url['database'] != ':memory:':
-            os.makedirs(os.path.dirname(os.path.abspath(in_url['database'])), exist_ok=True)
+            _require_writable_folder(os.path.dirname(os.path.abspath(in_url['database'])))
     else:
         options = SERVER_OPTIONS.get(scheme.replace('postgresql', 'postgres'), {})
     # Options spelled out in the URL's query string win over these defaults.
@@ -228,6 +229,23 @@ def connect(url):
     db.initialize(database)
     _statements.clear()
     return database
+
+
+class FolderNotWritable(RuntimeError):
+    """The SQLite folder cannot be written: gunicorn prints the message alone and exits 1."""
+
+
+def _require_writable_folder(folder):
+    """Create the SQLite folder if missing; fail at start, in one line, if this user
+    cannot write there (SQLite would fail at the first write, or at the WAL's files)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()  # the real test: access() can be fooled
+    except OSError:
+        raise FolderNotWritable(
+            f'the database folder {folder} is not writable by UID {os.getuid()}: give that '
+            f'user write access to it (for a volume: chown {os.getuid()} on it, or the '
+            f'initContainer in deploy.yaml), or point DATABASE_URL at a writable folder') from None
 
 
 def is_sqlite():

@@ -18,15 +18,46 @@ import peewee
 import mailer
 import metrics
 import models
-from docs import JSON, MERGE_PATCH, PERSON_FIELDS, OpenAPI, openapi_document
+import names
 from config import Config, parse_networks, rate_limiting_enabled
+from docs import (ASSETS_PATH, JSON, MAX_PERSON_ID, MERGE_PATCH, PERSON_FIELDS, DocsAsset,
+                  DocsPage, Index, OpenAPI, openapi_document)
 from edge import (BearerToken, BodyTimeout, ConnectionPerRequest, RateLimit, RequestId,
                   SecurityHeaders, handle_database_down, handle_unexpected, serialize_error)
 from models import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, IdempotencyKey, Person, db
 
 MAX_BODY_BYTES = 64 * 1024
-# Ids the routes accept: anything else (negative, huge, not a number) is simply not found.
-PERSON_ROUTE = '/person/{person_id:int(min=1, max=9223372036854775807)}'
+PERSON_ROUTE = '/person/{person_id:person_id}'
+
+
+# --- Routing --------------------------------------------------------------------------------
+
+class PersonId(falcon.routing.BaseConverter):
+    """A person's id, written only one way: `[1-9][0-9]*` up to MAX_PERSON_ID; any other
+    form is simply not found. Falcon's int converter uses int(), which also reads `01`,
+    `+1`, `1_0`, ` 1` and digits of other scripts (`１`, `١`) as numbers."""
+
+    CANONICAL = re.compile(r'[1-9][0-9]{0,18}\Z')  # [0-9], not \d: ASCII digits only
+
+    def convert(self, value):
+        if self.CANONICAL.match(value) and int(value) <= MAX_PERSON_ID:
+            return int(value)
+        return None
+
+
+class Router(falcon.routing.CompiledRouter):
+    """Falcon's router, but HEAD answers wherever GET does: the same responder runs and
+    Falcon sends its status and headers without the body."""
+
+    def __init__(self):
+        super().__init__()
+        self.options.converters['person_id'] = PersonId
+
+    def map_http_methods(self, resource, **kwargs):
+        methods = super().map_http_methods(resource, **kwargs)
+        if 'GET' in methods:
+            methods.setdefault('HEAD', methods['GET'])
+        return methods
 
 
 # --- Request bodies -------------------------------------------------------------------------
@@ -87,12 +118,13 @@ def _invalid(field, problem):
 def clean_name(field, value):
     if not isinstance(value, str):
         raise _invalid(field, 'must be a string')
-    if mailer.has_control_characters(value):
-        raise _invalid(field, 'must not contain control characters')
-    value = value.strip()
-    if not 1 <= len(value) <= MAX_NAME_LENGTH:
+    trimmed = value.strip()
+    if not 1 <= len(trimmed) <= MAX_NAME_LENGTH:
         raise _invalid(field, f'must be 1 to {MAX_NAME_LENGTH} characters long')
-    return value
+    problem = names.problem(value)  # the untrimmed value: its ends may hold control characters
+    if problem:
+        raise _invalid(field, problem)
+    return trimmed
 
 
 def clean_email(value):
@@ -336,7 +368,7 @@ class Readiness:
 
 def create_app(config, courier):
     """The WSGI app; `courier` delivers the welcome mails that POST queues."""
-    router = falcon.routing.DefaultRouter()
+    router = Router()
     middleware = [metrics.RequestMetrics(router, count=config.metrics), RequestId(),
                   SecurityHeaders(), BodyTimeout(config.body_timeout)]
     if rate_limiting_enabled(config.rate_limit):
@@ -356,6 +388,9 @@ def create_app(config, courier):
     app.add_route('/healthz', Health())
     app.add_route('/readyz', Readiness())
     app.add_route('/openapi.json', OpenAPI(openapi_document()))
+    app.add_route('/', Index())
+    app.add_route('/docs', DocsPage())
+    app.add_route(ASSETS_PATH + '/{name}', DocsAsset())
     if config.metrics:
         app.add_route('/metrics', metrics.Metrics(mailer.queue_status))
     return app

@@ -6,7 +6,8 @@
 #      Dockerfile's FROM resolves without a registry; then `podman build` of the Dockerfile;
 #   3. the image run as the manifest runs it (UID 10001, read-only root, no capabilities),
 #      a person created, its welcome mail caught, a graceful stop, the data kept;
-#   4. `podman kube play` of deploy.yaml (less its mail catcher): the pod answers.
+#   4. the image on a volume that root owns: one clear line and exit code 1;
+#   5. `podman kube play` of deploy.yaml (less its mail catcher): the pod answers.
 # Podman keeps its own store for this check ($DEPLOY_CHECK_DIR), so it never touches the
 # machine's images or containers; the base image is cached there between local runs (CI
 # always makes it anew). Everything it starts is removed at the end, on failure too.
@@ -156,6 +157,22 @@ run_app personapi-check-2
 curl -fsS --max-time 5 "$api$location" | grep -q '"grace@example.com"' || fail "$location lost with the container"
 echo "new container on the same volume: GET $location: 200"
 timeout 30 podman stop --time 10 personapi-check-2 >/dev/null
+
+step "podman run on a volume that root owns: one line, exit code 1, no traceback"
+# As a hostPath volume comes (Docker Desktop's StorageClass): fsGroup does not reach it.
+podman volume create personapi-check-rootowned >/dev/null
+timeout 60 podman run --rm --network none --user 0 --volume personapi-check-rootowned:/data \
+  --entrypoint /bin/sh "$IMAGE" -c 'chown 0:0 /data && chmod 0755 /data'
+status=0
+timeout 60 podman run --name personapi-check-rootowned --network none \
+  --read-only --tmpfs /tmp --user 10001 --cap-drop ALL --security-opt no-new-privileges \
+  --volume personapi-check-rootowned:/data "$IMAGE" >"$WORK/rootowned.log" 2>&1 || status=$?
+cat "$WORK/rootowned.log"
+((status == 1)) || fail "on a root-owned volume the container exited with $status, not 1"
+! grep -q Traceback "$WORK/rootowned.log" || fail "a traceback on a root-owned volume"
+[[ $(grep -c 'Error: the database folder /data is not writable by UID 10001: .*chown' \
+  "$WORK/rootowned.log") == 1 ]] || fail "no single clear line on a root-owned volume"
+echo "root-owned volume: exit code 1 and one line naming /data, UID 10001 and the fix"
 
 step "podman kube play deploy.yaml (without the mail catcher)"
 kube_port=$(free_port)

@@ -1,6 +1,8 @@
 """Fixtures: every database test runs once per engine (SQLite always; PostgreSQL and
-MySQL/MariaDB when TEST_POSTGRES_URL / TEST_MYSQL_URL name a server), each on a fresh database."""
+MySQL/MariaDB when TEST_POSTGRES_URL / TEST_MYSQL_URL name a server), each on a fresh database.
+The run ends with one line per reason tests were skipped, not one per test."""
 
+import collections
 import os
 import uuid
 from urllib.parse import urlsplit, urlunsplit
@@ -17,6 +19,16 @@ from config import Config
 from support import Service, SmtpSink
 
 SERVER_ENGINES = {'postgres': 'TEST_POSTGRES_URL', 'mysql': 'TEST_MYSQL_URL'}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """How many tests each reason skipped: an engine without its server skips hundreds."""
+    skipped = terminalreporter.stats.get('skipped', [])
+    reasons = collections.Counter(report.longrepr[2].removeprefix('Skipped: ')
+                                  for report in skipped if isinstance(report.longrepr, tuple))
+    for reason, count in reasons.most_common():
+        tests = 'test' if count == 1 else 'tests'
+        terminalreporter.write_line(f'SKIPPED {count} {tests}: {reason}', yellow=True)
 
 
 def _with_database(url, name):

@@ -1,9 +1,14 @@
 """The HTTP contract, in-process through WebTest: every route and every error row."""
 
 import json
+import re
+import shutil
+import subprocess
+import urllib.parse
 
 import pytest
 
+import models
 from models import Outbox, Person
 
 ADA = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
@@ -108,6 +113,57 @@ def test_names_in_any_script_are_welcome(client, name):
     assert (response.json['first_name'], response.json['last_name']) == (name, name)
 
 
+# (name, accepted): the validator's rule and the OpenAPI pattern must both give `accepted`.
+NAMES = [
+    ('Ada', True), (' Ada ', True), ('李', True), ('Zoë', True), ("O'Brien", True), ('-', True),
+    ('e\u0301', True),  # a combining mark on a letter
+    ('\u0915\u093e', True),  # Devanagari, a spacing vowel sign on a consonant
+    ('\u05d3\u05d5\u05d3 2\u200f', True),  # Hebrew with a right-to-left mark: marks stay allowed
+    ('Ada\u200bLovelace', True), ('\u0645\u061c1', True),  # invisible, but beside visible ones
+    ('\u200b', False), ('\ufeff', False), ('\u00ad', False), ('\u2060', False),
+    ('\u200b\u200c\u200d', False), ('\u0301', False), (' \u0301\u0308 ', False),
+    ('\u00a0', False), ('\u3000', False), ('\u2003\u2009', False), ('\u3164', False),
+    ('\u115f\u1160', False), ('\uffa0', False), ('\u2800', False), ('\u200e', False),
+    ('\u200f\u061c', False), ('\ue000', False), ('\u0378', False),
+    ('Ada\u202e', False), ('\u202aAda', False), ('A\u202bda\u202c', False), ('\u202dAda', False),
+    ('A\u2066da\u2069', False), ('Ada\u2067', False), ('\u2068Ada', False),
+    ('Ada\n', False), ('A\tda', False), ('Ada\x00', False), ('Ada\x85', False),
+    ('Ada\u2028', False), ('', False), ('   ', False), ('x' * 101, False),
+]
+
+
+@pytest.mark.parametrize('name, accepted', NAMES)
+def test_names_need_a_visible_character_and_no_bidi_controls(client, name, accepted):
+    before = snapshot()
+    for field in ('first_name', 'last_name'):
+        response = post(client, {**GRACE, field: name}, status=201 if accepted else 422)
+        if accepted:
+            client.delete(response.location, status=204)
+        else:
+            assert response.json['description'].startswith(f'{field}: ')
+    assert snapshot()[0] == before[0]
+
+
+@pytest.mark.parametrize('name, accepted', NAMES)
+def test_the_openapi_name_pattern_agrees_with_the_validator(client, name, accepted):
+    schema = client.get('/openapi.json').json['components']['schemas']['Name']
+    # An ECMA `$` (no m flag) is Python's `\Z`; the rest of the pattern reads the same.
+    pattern = re.compile(schema['pattern'].removesuffix('$') + r'\Z')
+    assert bool(schema['minLength'] <= len(name) <= schema['maxLength']
+                and pattern.search(name)) == accepted
+
+
+@pytest.mark.skipif(not shutil.which('node'), reason='node is not installed: no ECMA engine')
+def test_an_ecma_engine_reads_the_name_pattern_as_the_validator(client):
+    pattern = client.get('/openapi.json').json['components']['schemas']['Name']['pattern']
+    script = ('const [pattern, names] = JSON.parse(require("fs").readFileSync(0, "utf8"));'
+              'console.log(JSON.stringify(names.map(name => new RegExp(pattern).test(name))));')
+    names = [name for name, _ in NAMES if 1 <= len(name) <= 100]
+    verdicts = subprocess.run(['node', '-e', script], input=json.dumps([pattern, names]),
+                              capture_output=True, text=True, check=True).stdout
+    assert json.loads(verdicts) == [accepted for name, accepted in NAMES if name in names]
+
+
 def test_names_are_trimmed_and_the_email_domain_lower_cased(client):
     response = post(client, {'first_name': '  Ada ', 'last_name': ' Lovelace',
                              'email': 'Ada.King@Example.ORG'})
@@ -124,8 +180,8 @@ def test_openapi_documents_every_route_and_its_errors(client):
     document = client.get('/openapi.json').json
     assert document['openapi'].startswith('3.')
     paths = document['paths']
-    assert set(paths) == {'/person', '/person/{person_id}', '/healthz', '/readyz', '/openapi.json',
-                          '/metrics'}
+    assert set(paths) == {'/', '/person', '/person/{person_id}', '/healthz', '/readyz',
+                          '/openapi.json', '/metrics'}
     assert set(paths['/person/{person_id}']) >= {'get', 'put', 'patch', 'delete'}
     for status in ('201', '400', '409', '413', '415', '422'):
         assert status in paths['/person']['post']['responses']
@@ -133,7 +189,48 @@ def test_openapi_documents_every_route_and_its_errors(client):
         'first_name', 'last_name', 'email']
 
 
+def test_every_get_route_answers_head_with_its_headers_and_no_body(client):
+    person = post(client, ADA).json['id']
+    asset = re.search(r'src="([^"]+\.js)"', client.get('/docs').text).group(1)
+    for path, status in [('/', 200), ('/healthz', 200), ('/readyz', 200), ('/openapi.json', 200),
+                         ('/docs', 200), (asset, 200), (f'/person/{person}', 200),
+                         ('/person/999', 404)]:
+        get, head = client.get(path, status=status), client.head(path, status=status)
+        assert head.body == b''
+        assert head.headers['Content-Length'] == str(len(get.body))
+        assert _without_request_id(head.headers) == _without_request_id(get.headers)
+
+
+def _without_request_id(headers):
+    return {name: value for name, value in headers.items() if name.lower() != 'x-request-id'}
+
+
 # --- Errors: each a JSON body with a title, and nothing changed -------------------------------
+
+# Forms that int() reads as a number, and other non-canonical ids: none addresses a person.
+NON_CANONICAL_IDS = ['1_0', '+1', '01', '001', '0x1', '1.0', '1e0', ' 1', '1 ', '\t1', '-0',
+                     '\uff11', '\u0661', '\u0967', '\U0001d7cf', '1\n', str(2**63), '9' * 20,
+                     '\uff11\uff10']
+
+
+@pytest.mark.parametrize('person_id', NON_CANONICAL_IDS)
+@pytest.mark.parametrize('method', ['GET', 'HEAD', 'PUT', 'PATCH', 'DELETE'])
+def test_only_the_canonical_decimal_id_addresses_a_person(client, method, person_id):
+    for canonical in (1, 10):  # what int() makes of the forms above
+        Person.create(id=canonical, **{**ADA, 'email': f'{canonical}@example.com'},
+                      email_key=models.email_key(f'{canonical}@example.com'))
+    before = snapshot()
+    path = '/person/' + urllib.parse.quote(person_id)
+    response = send(client, method, path, json.dumps(GRACE).encode(), status=404)
+    assert method == 'HEAD' or response.json['title'] == '404 Not Found'
+    assert snapshot() == before
+
+
+def test_the_largest_id_is_routed_and_the_next_is_not(client):
+    largest = client.get(f'/person/{2**63 - 1}', status=404).json
+    assert largest['description'] == f'No person has the id {2**63 - 1}.'
+    assert 'description' not in client.get(f'/person/{2**63}', status=404).json
+
 
 NOT_FOUND_PATHS = ['/person/999', '/person/abc', '/person/-1', '/person/0', '/person/1.5',
                    '/person/99999999999999999999', '/person/%20', '/nowhere']
@@ -296,8 +393,9 @@ def test_taking_another_persons_email_is_409(client, method):
 
 @pytest.mark.parametrize('method, path, allowed', [
     ('GET', '/person', {'POST'}), ('DELETE', '/person', {'POST'}),
-    ('POST', '/person/1', {'GET', 'PUT', 'PATCH', 'DELETE'}),
-    ('POST', '/healthz', {'GET'}), ('PUT', '/readyz', {'GET'}), ('DELETE', '/openapi.json', {'GET'}),
+    ('POST', '/person/1', {'GET', 'HEAD', 'PUT', 'PATCH', 'DELETE'}),
+    ('POST', '/healthz', {'GET', 'HEAD'}), ('PUT', '/readyz', {'GET', 'HEAD'}),
+    ('DELETE', '/openapi.json', {'GET', 'HEAD'}), ('POST', '/docs', {'GET', 'HEAD'}),
 ])
 def test_other_methods_are_405_with_allow(client, method, path, allowed):
     response = client.request(path, method=method, status=405)

@@ -156,3 +156,22 @@ def test_the_pod_runs_as_the_images_user_locked_down():
     assert container['allowPrivilegeEscalation'] is False
     assert container['capabilities'] == {'drop': ['ALL']}
     assert pod['securityContext']['seccompProfile'] == {'type': 'RuntimeDefault'}
+
+
+def test_only_chown_runs_as_root_to_hand_the_volume_to_the_images_user():
+    uid = int(re.search(r'^USER (\d+)', DOCKERFILE, re.MULTILINE)[1])
+    pod = one('Deployment', 'personapi')['spec']['template']['spec']
+    (init,) = pod['initContainers']
+    assert init['image'] == api_container()['image']
+    assert init['volumeMounts'] == [{'name': 'data', 'mountPath': '/data'}]
+    assert init['command'][-1].endswith(f'|| chown {uid}:{uid} /data')
+    context = init['securityContext']
+    assert context['capabilities'] == {'drop': ['ALL'], 'add': ['CHOWN']}
+    assert context['readOnlyRootFilesystem'] is True
+    assert context['allowPrivilegeEscalation'] is False
+
+
+def test_the_mail_catcher_runs_a_release_with_the_crash_fix():
+    (container,) = one('Deployment', 'mailpit')['spec']['template']['spec']['containers']
+    version = tuple(map(int, container['image'].rpartition(':v')[2].split('.')))
+    assert version >= (1, 34, 0)  # GHSA-v887-64wg-qqc9

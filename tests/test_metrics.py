@@ -14,13 +14,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import models
 import personapi
+from docs import ASSETS_PATH
 from support import Service, SmtpSink, free_port, http, wait_until
 from test_deploy_manifest import api_container, container_port, one
 
 ADA = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
 TOKEN = 'metrics-test-token'
 TEMPLATES = {'/person', '/person/{person_id}', '/healthz', '/readyz', '/openapi.json', '/metrics',
-             'unmatched'}
+             '/', '/docs', ASSETS_PATH + '/{name}', 'unmatched'}
 
 
 def value(text, name, **labels):

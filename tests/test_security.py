@@ -13,6 +13,7 @@ import webtest
 
 import models
 import personapi
+from docs import ASSETS_PATH
 from models import Outbox, Person
 from support import Service, free_port
 
@@ -33,7 +34,8 @@ def guarded(config, courier):
 
 PERSON_ROUTES = [('POST', '/person'), ('GET', '/person/1'), ('PUT', '/person/1'),
                  ('PATCH', '/person/1'), ('DELETE', '/person/1'), ('GET', '/person/424242'),
-                 ('GET', '/person/abc')]
+                 ('GET', '/person/abc'), ('HEAD', '/person/1'), ('GET', '/docsx'),
+                 ('GET', '/person/1/docs/')]
 BAD_CREDENTIALS = [None, 'Bearer', 'Bearer wrong-token', f'Bearer {TOKEN}x', f'Basic {TOKEN}',
                    f'Token {TOKEN}', TOKEN]
 
@@ -47,7 +49,7 @@ def test_person_routes_refuse_a_missing_or_wrong_token(guarded, method, path, au
     response = guarded.request(path, method=method, body=json.dumps(ADA).encode(),
                                headers=headers, status=401)
     assert response.headers['WWW-Authenticate'] == 'Bearer'
-    assert response.json['title'] == 'Unauthorized'
+    assert method == 'HEAD' or response.json['title'] == 'Unauthorized'
     assert Person.select().count() == 0
 
 
@@ -61,9 +63,11 @@ def test_the_right_token_opens_every_person_route(guarded):
     guarded.get(f'/person/{person_id}', headers={'Authorization': f'bearer {TOKEN}'}, status=404)
 
 
-@pytest.mark.parametrize('path', ['/healthz', '/readyz', '/openapi.json'])
-def test_health_and_the_api_document_stay_open(guarded, path):
+@pytest.mark.parametrize('path', ['/healthz', '/readyz', '/openapi.json', '/', '/docs',
+                                  f'{ASSETS_PATH}/swagger-ui-bundle.js'])
+def test_health_and_the_api_documentation_stay_open(guarded, path):
     guarded.get(path, status=200)
+    guarded.head(path, status=200)
 
 
 # --- Edges ----------------------------------------------------------------------------------

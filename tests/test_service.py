@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,3 +181,28 @@ def test_a_relay_refusing_mail_from_for_a_while_loses_nothing(service_env, tmp_p
         service.kill()
         sink.stop()
     assert 'SMTPSenderRefused 530' in log_path.read_text()
+
+
+# Root writes anywhere: drop the capabilities that let it, so the permission bits bind.
+AS_AN_ORDINARY_USER = (['setpriv', '--bounding-set=-dac_override,-dac_read_search,-fowner']
+                       if os.getuid() == 0 else [])
+
+
+@pytest.mark.skipif(os.getuid() == 0 and not shutil.which('setpriv'),
+                    reason='running as root without setpriv: every folder is writable')
+@pytest.mark.parametrize('database', ['persons.db', 'missing/persons.db'])
+def test_an_unwritable_database_folder_stops_the_start_in_one_line(tmp_path, database):
+    read_only = tmp_path / 'data'
+    read_only.mkdir(mode=0o555)
+    path = read_only / database
+    result = subprocess.run(
+        [*AS_AN_ORDINARY_USER, sys.executable, '-m', 'gunicorn', '--bind',
+         f'127.0.0.1:{free_port()}'], cwd=ROOT, capture_output=True, text=True, timeout=60,
+        env={**os.environ, 'DATABASE_URL': f'sqlite:///{path}', 'SMTP_PORT': '1'})
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if 'not writable' in line]
+    assert error == (f'Error: the database folder {path.parent} is not writable by UID '
+                     f'{os.getuid()}: give that user write access to it (for a volume: chown '
+                     f'{os.getuid()} on it, or the initContainer in deploy.yaml), or point '
+                     'DATABASE_URL at a writable folder')
