@@ -1,0 +1,115 @@
+"""The gunicorn worker `gunicorn personapi:app` runs (gunicorn.conf.py's worker_class):
+gunicorn's gthread worker, changed where clients could hold it.
+
+- Request heads are read by the worker's event loop, not by a pool thread: a thread takes
+  a connection only once its head is complete (or already wrong), so clients trickling
+  their headers hold no thread. A head must be complete HEADER_TIMEOUT seconds after its
+  first byte, and a first byte must come within HEADER_TIMEOUT of connecting.
+- Ctrl-C (SIGINT to master and workers alike) and SIGQUIT stop the worker from its event
+  loop, not inside the signal handler: shutting the thread pool down in a handler
+  deadlocks when the master's SIGQUIT interrupts the terminal's SIGINT (CPython gh-121649).
+
+Plain HTTP/1.1 only: TLS ends in front of the service.
+"""
+
+import selectors
+import sys
+import time
+from functools import partial
+
+from gunicorn.http.errors import LimitRequestHeaders
+from gunicorn.workers.gthread import ThreadWorker
+
+from config import Config
+
+
+def parser_can_answer(head, line_limit):
+    """Whether gunicorn's parser can answer `head` without reading more: it is complete or
+    already wrong (a bare LF, a request line over the limit)."""
+    line_end = head.find(b'\r\n')
+    return (b'\r\n\r\n' in head or head.count(b'\n') != head.count(b'\r\n')
+            or (line_end if line_end >= 0 else len(head) - 2) > line_limit)
+
+
+class Worker(ThreadWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.header_timeout = Config.from_env().header_timeout
+        self.heads = {}  # connection whose head is being read -> when it must be complete
+        cfg = self.cfg
+        # gunicorn's own bound on a head (its Request.max_buffer_headers), plus the request line
+        self.max_head = (cfg.limit_request_line + 2 + 4 +
+                         cfg.limit_request_fields * (cfg.limit_request_field_size + 2))
+
+    # --- Stopping --------------------------------------------------------------------------
+
+    def handle_quit(self, sig, frame):
+        # Only what is safe in a handler, even entered twice: a flag and a wake-up.
+        self.alive = False
+        self.method_queue.defer(self.quit)
+
+    def quit(self):
+        """Stop now, from the event loop: the master waits for no request in progress."""
+        self.tpool.shutdown(wait=False, cancel_futures=True)
+        self.cfg.worker_int(self)
+        sys.exit(0)
+
+    # --- Request heads ---------------------------------------------------------------------
+
+    def enqueue_req(self, conn):
+        """Read the connection's next head in the event loop; a thread takes it once it is in."""
+        conn.head = bytearray(conn.parser.unreader.take_buffered() if conn.parser else b'')
+        self.heads[conn] = time.monotonic() + self.header_timeout
+        conn.sock.setblocking(False)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.read_head, conn))
+        self.read_head(conn, conn.sock)  # a kept-alive connection has its bytes here already
+
+    def read_head(self, conn, sock):
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            data = None  # nothing new yet
+        except OSError:
+            data = b''
+        if data and not conn.head:  # the first byte: the head's clock starts now
+            self.heads[conn] = time.monotonic() + self.header_timeout
+        conn.head += data or b''
+        if parser_can_answer(conn.head, self.cfg.limit_request_line):
+            self.poller.unregister(sock)
+            del self.heads[conn]
+            super().enqueue_req(conn)
+        elif data == b'':  # gone before its head was complete
+            self.drop_head(conn)
+        elif len(conn.head) > self.max_head:
+            self.handle_error(None, sock, conn.client, LimitRequestHeaders('max buffer headers'))
+            self.drop_head(conn)
+
+    def drop_head(self, conn):
+        self.poller.unregister(conn.sock)
+        del self.heads[conn]
+        self.nr_conns -= 1
+        conn.close()
+
+    def wait_for_and_dispatch_events(self, timeout):
+        if self.heads:
+            timeout = max(0.0, min(timeout, min(self.heads.values()) - time.monotonic()))
+        super().wait_for_and_dispatch_events(timeout)
+        self.close_late_heads()
+
+    def close_late_heads(self):
+        """Close heads past their deadline; a stopping worker also closes silent connections."""
+        now = time.monotonic()
+        for conn, deadline in list(self.heads.items()):
+            if conn.head and now >= deadline:
+                self.log.info('Closed a connection whose request head took over %ss (ip=%s)',
+                              self.header_timeout, conn.client[0])
+            if now >= deadline or (not self.alive and not conn.head):
+                self.drop_head(conn)
+
+    def handle(self, conn):
+        """Runs on a pool thread: serve the request whose head the event loop read."""
+        conn.data_ready = True  # gunicorn need not wait for a first byte: the head is here
+        conn.sock.setblocking(True)
+        conn.init()
+        conn.parser.unreader.unread(bytes(conn.head))
+        return super().handle(conn)
