@@ -5,6 +5,9 @@ gunicorn's gthread worker, changed where clients could hold it.
   a connection only once its head is complete (or already wrong), so clients trickling
   their headers hold no thread. A head must be complete HEADER_TIMEOUT seconds after its
   first byte, and a first byte must come within HEADER_TIMEOUT of connecting.
+- Body framing: a transfer coding other than chunked is 501 (gunicorn would pass a gzip
+  body on as if plain), a chunk size over 2^63-1 is refused (a read would wait for it),
+  and what gunicorn refuses is answered with a JSON error body, as the app's errors are.
 - Ctrl-C (SIGINT to master and workers alike) and SIGQUIT stop the worker from its event
   loop, not inside the signal handler: shutting the thread pool down in a handler
   deadlocks when the master's SIGQUIT interrupts the terminal's SIGINT (CPython gh-121649).
@@ -12,12 +15,15 @@ gunicorn's gthread worker, changed where clients could hold it.
 Plain HTTP/1.1 only: TLS ends in front of the service.
 """
 
+import json
 import selectors
 import sys
 import time
 from functools import partial
 
-from gunicorn.http.errors import LimitRequestHeaders
+from gunicorn import util
+from gunicorn.http.body import ChunkedReader
+from gunicorn.http.errors import InvalidChunkSize, LimitRequestHeaders, UnsupportedTransferCoding
 from gunicorn.workers.gthread import ThreadWorker
 
 from config import Config
@@ -29,6 +35,31 @@ def parser_can_answer(head, line_limit):
     line_end = head.find(b'\r\n')
     return (b'\r\n\r\n' in head or head.count(b'\n') != head.count(b'\r\n')
             or (line_end if line_end >= 0 else len(head) - 2) > line_limit)
+
+
+MAX_CHUNK_SIZE = 2 ** 63 - 1
+
+
+class SizedChunkedReader(ChunkedReader):
+    def parse_chunk_size(self, unreader, data=None):
+        size, rest = super().parse_chunk_size(unreader, data)
+        if size > MAX_CHUNK_SIZE:
+            raise InvalidChunkSize(b'over %d bytes' % MAX_CHUNK_SIZE)
+        return size, rest
+
+
+class CapturedSocket:
+    """The client socket, keeping what is written to it instead of sending it."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.written = b''
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+    def sendall(self, data):
+        self.written += data
 
 
 class Worker(ThreadWorker):
@@ -113,3 +144,30 @@ class Worker(ThreadWorker):
         conn.init()
         conn.parser.unreader.unread(bytes(conn.head))
         return super().handle(conn)
+
+    # --- Framing ---------------------------------------------------------------------------
+
+    def handle_request(self, req, conn):
+        codings = [coding.strip().lower() for name, value in req.headers
+                   if name == 'TRANSFER-ENCODING' for coding in value.split(',')]
+        if codings and codings != ['chunked']:
+            raise UnsupportedTransferCoding(', '.join(codings))
+        if isinstance(req.body.reader, ChunkedReader):
+            req.body.reader = SizedChunkedReader(req, req.unreader)
+        return super().handle_request(req, conn)
+
+    def handle_error(self, req, client, addr, exc):
+        """gunicorn's answer (status, log lines), with a JSON body in place of its HTML page."""
+        page = CapturedSocket(client)
+        super().handle_error(req, page, addr, exc)
+        status = page.written.split(b'\r\n', 1)[0].partition(b' ')[2].decode('latin-1')
+        # gunicorn blames the client (and says why) for everything but its own failure, a 500
+        description = 'Something went wrong.' if status.startswith('500') else str(exc)
+        body = json.dumps({'title': status, 'description': description}).encode()
+        head = (f'HTTP/1.1 {status}\r\nConnection: close\r\nContent-Type: application/json\r\n'
+                f'Content-Length: {len(body)}\r\nX-Content-Type-Options: nosniff\r\n'
+                'Cache-Control: no-store\r\n\r\n')
+        try:
+            util.write_nonblock(client, head.encode('latin-1') + body)
+        except OSError:
+            self.log.debug('Failed to send an error answer.')

@@ -1,6 +1,7 @@
 """The gunicorn worker at the edge (worker.py), end to end: stopping on signals, clients
 that trickle their request heads, malformed body framing."""
 
+import json
 import os
 import selectors
 import signal
@@ -115,3 +116,75 @@ def test_clients_trickling_headers_hold_no_thread_and_are_cut_off(service_env, t
     assert health_seconds < 1.0 and post_seconds < 1.0
     assert len(lifetimes) == 24
     assert all(header_timeout - 0.5 <= seconds <= header_timeout + 3 for seconds in lifetimes)
+
+
+# --- Malformed body framing ------------------------------------------------------------
+
+def exchange(service, payload):
+    """Send raw bytes and read until the server closes; returns (status, headers, JSON body)."""
+    with socket.create_connection(('127.0.0.1', service.port), timeout=10) as sock:
+        sock.sendall(payload)
+        reply = b''
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b'\r\n\r\n')
+    status_line, *header_lines = head.decode('latin-1').split('\r\n')
+    headers = dict(line.lower().split(': ', 1) for line in header_lines)
+    return int(status_line.split(' ')[1]), headers, json.loads(body)
+
+
+def post_chunked(chunks, transfer_encoding=b'chunked', version=b'1.1', extra=b''):
+    return (b'POST /person HTTP/' + version + b'\r\nHost: x\r\nContent-Type: application/json\r\n'
+            b'Transfer-Encoding: ' + transfer_encoding + b'\r\n' + extra + b'\r\n' + chunks)
+
+
+BODY = json.dumps(PERSON).encode()
+CHUNKED_BODY = b'%x\r\n%s\r\n0\r\n\r\n' % (len(BODY), BODY)
+MALFORMED = [
+    ('chunk size zz', post_chunked(b'zz\r\n' + BODY + b'\r\n0\r\n\r\n'), 400),
+    ('chunk size -5', post_chunked(b'-5\r\n' + BODY + b'\r\n0\r\n\r\n'), 400),
+    ('chunk size 0x10', post_chunked(b'0x10\r\n' + BODY + b'\r\n0\r\n\r\n'), 400),
+    ('empty chunk size', post_chunked(b'\r\n' + BODY + b'\r\n0\r\n\r\n'), 400),
+    ('chunk size over 2^64', post_chunked(b'1' + b'0' * 16 + b'\r\n' + BODY + b'\r\n0\r\n\r\n'), 400),
+    ('chunk size over 2^63-1', post_chunked(b'8' + b'0' * 15 + b'\r\n' + BODY + b'\r\n0\r\n\r\n'), 400),
+    ('chunk longer than its size', post_chunked(b'%x\r\n%sXX\r\n0\r\n\r\n' % (len(BODY), BODY)), 400),
+    ('chunk without its CRLF', post_chunked(b'%x\r\n%s0\r\n\r\n' % (len(BODY), BODY)), 400),
+    ('bare LF after the chunk size', post_chunked(b'%x\n%s\r\n0\r\n\r\n' % (len(BODY), BODY)), 400),
+    ('control byte in a chunk extension', post_chunked(b'%x;a\x01\r\n%s\r\n0\r\n\r\n' % (len(BODY), BODY)), 400),
+    ('gzip, chunked', post_chunked(CHUNKED_BODY, b'gzip, chunked'), 501),
+    ('deflate, chunked', post_chunked(CHUNKED_BODY, b'deflate, chunked'), 501),
+    ('identity, chunked', post_chunked(CHUNKED_BODY, b'identity, chunked'), 501),
+    ('an unknown coding, chunked', post_chunked(CHUNKED_BODY, b'br, chunked'), 501),
+    ('chunked in two headers with gzip', post_chunked(CHUNKED_BODY, b'gzip\r\nTransfer-Encoding: chunked'), 501),
+    ('identity alone', post_chunked(BODY, b'identity', extra=b'Content-Length: %d\r\n' % len(BODY)), 400),
+    ('gzip alone', post_chunked(BODY, b'gzip'), 400),
+    ('chunked, chunked', post_chunked(CHUNKED_BODY, b'chunked, chunked'), 400),
+    ('chunked then gzip', post_chunked(CHUNKED_BODY, b'chunked, gzip'), 400),
+    ('chunked with Content-Length', post_chunked(CHUNKED_BODY, extra=b'Content-Length: 5\r\n'), 400),
+    ('chunked in HTTP/1.0', post_chunked(CHUNKED_BODY, version=b'1.0'), 400),
+]
+
+
+@pytest.fixture
+def logged_service(service_env, tmp_path):
+    service = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
+    yield service
+    service.kill()
+
+
+@pytest.mark.parametrize('payload, expected', [(p, e) for _, p, e in MALFORMED],
+                         ids=[name for name, _, _ in MALFORMED])
+def test_malformed_framing_is_a_json_client_error(logged_service, tmp_path, payload, expected):
+    status, headers, body = exchange(logged_service, payload)
+    assert (status, headers['content-type']) == (expected, 'application/json')
+    assert body['title'] and body['description']
+    assert logged_service.request('GET', '/person/1')[0] == 404  # nothing was stored
+    log = (tmp_path / 'gunicorn.log').read_text()
+    assert 'Traceback' not in log and '[ERROR]' not in log
+
+
+def test_a_well_framed_chunked_body_is_served(logged_service):
+    status, _, body = exchange(logged_service, post_chunked(
+        b'5\r\n' + BODY[:5] + b'\r\n%x\r\n' % (len(BODY) - 5) + BODY[5:] + b'\r\n0\r\n\r\n',
+        extra=b'Connection: close\r\n'))
+    assert (status, body['email']) == (201, PERSON['email'])
