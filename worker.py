@@ -17,6 +17,7 @@ Plain HTTP/1.1 only: TLS ends in front of the service.
 
 import json
 import selectors
+import socket
 import sys
 import time
 from functools import partial
@@ -63,10 +64,17 @@ class CapturedSocket:
 
 
 class Worker(ThreadWorker):
+    @classmethod
+    def check_config(cls, cfg, log):
+        super().check_config(cfg, log)
+        if cfg.is_ssl:
+            raise RuntimeError('worker.Worker reads plain HTTP/1.1: end TLS in front of it')
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.header_timeout = Config.from_env().header_timeout
         self.heads = {}  # connection whose head is being read -> when it must be complete
+        self.busy = set()  # connections a pool thread is serving
         cfg = self.cfg
         # gunicorn's own bound on a head (its Request.max_buffer_headers), plus the request line
         self.max_head = (cfg.limit_request_line + 2 + 4 +
@@ -80,7 +88,13 @@ class Worker(ThreadWorker):
         self.method_queue.defer(self.quit)
 
     def quit(self):
-        """Stop now, from the event loop: the master waits for no request in progress."""
+        """Stop now, from the event loop. Requests in progress end without waiting on their
+        clients: a stalled body reads as ended (400), an answer is still written."""
+        for conn in self.busy:
+            try:
+                conn.sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass  # already closed by its thread
         self.tpool.shutdown(wait=False, cancel_futures=True)
         self.cfg.worker_int(self)
         sys.exit(0)
@@ -108,6 +122,7 @@ class Worker(ThreadWorker):
         if parser_can_answer(conn.head, self.cfg.limit_request_line):
             self.poller.unregister(sock)
             del self.heads[conn]
+            self.busy.add(conn)
             super().enqueue_req(conn)
         elif data == b'':  # gone before its head was complete
             self.drop_head(conn)
@@ -140,10 +155,13 @@ class Worker(ThreadWorker):
     def handle(self, conn):
         """Runs on a pool thread: serve the request whose head the event loop read."""
         conn.data_ready = True  # gunicorn need not wait for a first byte: the head is here
-        conn.sock.setblocking(True)
         conn.init()
         conn.parser.unreader.unread(bytes(conn.head))
         return super().handle(conn)
+
+    def finish_request(self, conn, fs):
+        self.busy.discard(conn)
+        super().finish_request(conn, fs)
 
     # --- Framing ---------------------------------------------------------------------------
 
