@@ -73,7 +73,7 @@ class Worker(ThreadWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.header_timeout = Config.from_env().header_timeout
-        self.heads = {}  # connection whose head is being read -> when it must be complete
+        self.heads = set()  # connections the event loop waits on for more of their head
         self.busy = set()  # connections a pool thread is serving
         cfg = self.cfg
         # gunicorn's own bound on a head (its Request.max_buffer_headers), plus the request line
@@ -104,10 +104,9 @@ class Worker(ThreadWorker):
     def enqueue_req(self, conn):
         """Read the connection's next head in the event loop; a thread takes it once it is in."""
         conn.head = bytearray(conn.parser.unreader.take_buffered() if conn.parser else b'')
-        self.heads[conn] = time.monotonic() + self.header_timeout
+        conn.head_deadline = time.monotonic() + self.header_timeout
         conn.sock.setblocking(False)
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.read_head, conn))
-        self.read_head(conn, conn.sock)  # a kept-alive connection has its bytes here already
+        self.read_head(conn, conn.sock)  # a kept-alive connection has its head here already
 
     def read_head(self, conn, sock):
         try:
@@ -117,11 +116,10 @@ class Worker(ThreadWorker):
         except OSError:
             data = b''
         if data and not conn.head:  # the first byte: the head's clock starts now
-            self.heads[conn] = time.monotonic() + self.header_timeout
+            conn.head_deadline = time.monotonic() + self.header_timeout
         conn.head += data or b''
         if parser_can_answer(conn.head, self.cfg.limit_request_line):
-            self.poller.unregister(sock)
-            del self.heads[conn]
+            self.stop_waiting(conn)
             self.busy.add(conn)
             super().enqueue_req(conn)
         elif data == b'':  # gone before its head was complete
@@ -129,27 +127,36 @@ class Worker(ThreadWorker):
         elif len(conn.head) > self.max_head:
             self.handle_error(None, sock, conn.client, LimitRequestHeaders('max buffer headers'))
             self.drop_head(conn)
+        elif conn not in self.heads:
+            self.heads.add(conn)
+            self.poller.register(sock, selectors.EVENT_READ, partial(self.read_head, conn))
+
+    def stop_waiting(self, conn):
+        if conn in self.heads:
+            self.heads.remove(conn)
+            self.poller.unregister(conn.sock)
 
     def drop_head(self, conn):
-        self.poller.unregister(conn.sock)
-        del self.heads[conn]
+        self.stop_waiting(conn)
         self.nr_conns -= 1
         conn.close()
 
     def wait_for_and_dispatch_events(self, timeout):
         if self.heads:
-            timeout = max(0.0, min(timeout, min(self.heads.values()) - time.monotonic()))
+            first_deadline = min(conn.head_deadline for conn in self.heads)
+            timeout = max(0.0, min(timeout, first_deadline - time.monotonic()))
         super().wait_for_and_dispatch_events(timeout)
         self.close_late_heads()
 
     def close_late_heads(self):
         """Close heads past their deadline; a stopping worker also closes silent connections."""
         now = time.monotonic()
-        for conn, deadline in list(self.heads.items()):
-            if conn.head and now >= deadline:
+        for conn in list(self.heads):
+            late = now >= conn.head_deadline
+            if late and conn.head:
                 self.log.info('Closed a connection whose request head took over %ss (ip=%s)',
                               self.header_timeout, conn.client[0])
-            if now >= deadline or (not self.alive and not conn.head):
+            if late or (not self.alive and not conn.head):
                 self.drop_head(conn)
 
     def handle(self, conn):
