@@ -5,6 +5,8 @@ gunicorn's gthread worker, changed where clients could hold it.
   a connection only once its head is complete (or already wrong), so clients trickling
   their headers hold no thread. A head must be complete HEADER_TIMEOUT seconds after its
   first byte, and a first byte must come within HEADER_TIMEOUT of connecting.
+- Closing a connection waits in the event loop for the client's side to close, where
+  gunicorn blocks its loop up to 2 s on each client that keeps its side open.
 - Body framing: a transfer coding other than chunked is 501 (gunicorn would pass a gzip
   body on as if plain), a chunk size over 2^63-1 is refused (a read would wait for it),
   and what gunicorn refuses is answered with a JSON error body, as the app's errors are.
@@ -39,6 +41,7 @@ def parser_can_answer(head, line_limit):
 
 
 MAX_CHUNK_SIZE = 2 ** 63 - 1
+LINGER_SECONDS, LINGER_MAX_BYTES = 2.0, 65536  # as gunicorn's util.close_graceful
 
 
 class SizedChunkedReader(ChunkedReader):
@@ -73,7 +76,7 @@ class Worker(ThreadWorker):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.header_timeout = Config.from_env().header_timeout
-        self.heads = set()  # connections the event loop waits on for more of their head
+        self.waiting = {}  # connection the event loop waits on -> what to do past its deadline
         self.busy = set()  # connections a pool thread is serving
         cfg = self.cfg
         # gunicorn's own bound on a head (its Request.max_buffer_headers), plus the request line
@@ -99,12 +102,42 @@ class Worker(ThreadWorker):
         self.cfg.worker_int(self)
         sys.exit(0)
 
+    # --- Waiting on clients in the event loop --------------------------------------------
+
+    def wait_for(self, conn, on_readable, on_late):
+        """Have the event loop call on_readable(conn, sock) when the client sends, and
+        on_late(conn) once conn.deadline passes."""
+        if conn not in self.waiting:
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(on_readable, conn))
+        self.waiting[conn] = on_late
+
+    def stop_waiting(self, conn):
+        if self.waiting.pop(conn, None):
+            self.poller.unregister(conn.sock)
+
+    def wait_for_and_dispatch_events(self, timeout):
+        if self.waiting:
+            first_deadline = min(conn.deadline for conn in self.waiting)
+            timeout = max(0.0, min(timeout, first_deadline - time.monotonic()))
+        super().wait_for_and_dispatch_events(timeout)
+        now = time.monotonic()
+        for conn, on_late in list(self.waiting.items()):
+            # A stopping worker waits for no connection that has sent nothing yet (a closing
+            # one has sent a head).
+            if now >= conn.deadline or (not self.alive and not conn.head):
+                on_late(conn)
+
+    def drop(self, conn):
+        self.stop_waiting(conn)
+        self.nr_conns -= 1
+        conn.close()
+
     # --- Request heads ---------------------------------------------------------------------
 
     def enqueue_req(self, conn):
         """Read the connection's next head in the event loop; a thread takes it once it is in."""
         conn.head = bytearray(conn.parser.unreader.take_buffered() if conn.parser else b'')
-        conn.head_deadline = time.monotonic() + self.header_timeout
+        conn.deadline = time.monotonic() + self.header_timeout
         conn.sock.setblocking(False)
         self.read_head(conn, conn.sock)  # a kept-alive connection has its head here already
 
@@ -116,48 +149,26 @@ class Worker(ThreadWorker):
         except OSError:
             data = b''
         if data and not conn.head:  # the first byte: the head's clock starts now
-            conn.head_deadline = time.monotonic() + self.header_timeout
+            conn.deadline = time.monotonic() + self.header_timeout
         conn.head += data or b''
         if parser_can_answer(conn.head, self.cfg.limit_request_line):
             self.stop_waiting(conn)
             self.busy.add(conn)
             super().enqueue_req(conn)
         elif data == b'':  # gone before its head was complete
-            self.drop_head(conn)
+            self.drop(conn)
         elif len(conn.head) > self.max_head:
             self.handle_error(None, sock, conn.client, LimitRequestHeaders('max buffer headers'))
-            self.drop_head(conn)
-        elif conn not in self.heads:
-            self.heads.add(conn)
-            self.poller.register(sock, selectors.EVENT_READ, partial(self.read_head, conn))
+            self.stop_waiting(conn)
+            self.close_gracefully(conn)
+        else:
+            self.wait_for(conn, self.read_head, self.head_too_late)
 
-    def stop_waiting(self, conn):
-        if conn in self.heads:
-            self.heads.remove(conn)
-            self.poller.unregister(conn.sock)
-
-    def drop_head(self, conn):
-        self.stop_waiting(conn)
-        self.nr_conns -= 1
-        conn.close()
-
-    def wait_for_and_dispatch_events(self, timeout):
-        if self.heads:
-            first_deadline = min(conn.head_deadline for conn in self.heads)
-            timeout = max(0.0, min(timeout, first_deadline - time.monotonic()))
-        super().wait_for_and_dispatch_events(timeout)
-        self.close_late_heads()
-
-    def close_late_heads(self):
-        """Close heads past their deadline; a stopping worker also closes silent connections."""
-        now = time.monotonic()
-        for conn in list(self.heads):
-            late = now >= conn.head_deadline
-            if late and conn.head:
-                self.log.info('Closed a connection whose request head took over %ss (ip=%s)',
-                              self.header_timeout, conn.client[0])
-            if late or (not self.alive and not conn.head):
-                self.drop_head(conn)
+    def head_too_late(self, conn):
+        if conn.head:
+            self.log.info('Closed a connection whose request head took over %ss (ip=%s)',
+                          self.header_timeout, conn.client[0])
+        self.drop(conn)
 
     def handle(self, conn):
         """Runs on a pool thread: serve the request whose head the event loop read."""
@@ -168,7 +179,38 @@ class Worker(ThreadWorker):
 
     def finish_request(self, conn, fs):
         self.busy.discard(conn)
-        super().finish_request(conn, fs)
+        if fs.cancelled() or fs.exception() is not None or fs.result():
+            super().finish_request(conn, fs)  # kept alive, or closed at once after a failure
+        else:
+            self.close_gracefully(conn)
+
+    # --- Closing ---------------------------------------------------------------------------
+
+    def close_gracefully(self, conn):
+        """Close as gunicorn does (RFC 9112 section 9.6: send FIN, then read what the client
+        still sends, lest unread bytes make the kernel reset the connection and cut the
+        answer short), but in the event loop: gunicorn waits there, blocking everything,
+        up to 2 s for each client that does not close its side."""
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.drop(conn)
+            return
+        conn.deadline = time.monotonic() + LINGER_SECONDS
+        conn.drained = 0
+        conn.sock.setblocking(False)
+        self.wait_for(conn, self.drain, self.drop)
+
+    def drain(self, conn, sock):
+        try:
+            data = sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b''
+        conn.drained += len(data)
+        if not data or conn.drained > LINGER_MAX_BYTES:
+            self.drop(conn)
 
     # --- Framing ---------------------------------------------------------------------------
 

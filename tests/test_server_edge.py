@@ -195,3 +195,37 @@ def test_a_well_framed_chunked_body_is_served(logged_service):
         b'5\r\n' + BODY[:5] + b'\r\n%x\r\n' % (len(BODY) - 5) + BODY[5:] + b'\r\n0\r\n\r\n',
         extra=b'Connection: close\r\n'))
     assert (status, body['email']) == (201, PERSON['email'])
+
+
+def test_pipelined_requests_are_each_answered(logged_service):
+    request = b'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'
+    with socket.create_connection(('127.0.0.1', logged_service.port), timeout=10) as sock:
+        sock.sendall(request * 2 + request.replace(b'Host', b'Connection: close\r\nHost'))
+        reply = b''
+        while chunk := sock.recv(65536):
+            reply += chunk
+    assert reply.count(b'HTTP/1.1 200 OK\r\n') == 3
+
+
+def test_a_head_over_the_limits_is_refused_before_it_ends(logged_service):
+    endless = b'GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: ' + b'a' * 600_000
+    started = time.monotonic()
+    status, headers, body = exchange(logged_service, endless)
+    assert (status, headers['content-type']) == (431, 'application/json')
+    assert time.monotonic() - started < 5  # HEADER_TIMEOUT is 10 s
+
+
+def test_clients_that_never_close_their_side_hold_nothing(logged_service):
+    """After a `Connection: close` answer the server waits for the client to close too;
+    clients that never do must not hold the others up."""
+    holders = [socket.create_connection(('127.0.0.1', logged_service.port)) for _ in range(24)]
+    try:
+        for sock in holders:
+            sock.sendall(b'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        time.sleep(0.5)
+        (status, _, _), seconds = timed(lambda: logged_service.request('GET', '/healthz', timeout=30))
+    finally:
+        for sock in holders:
+            sock.close()
+    print(f'healthz {seconds:.3f} s')
+    assert status == 200 and seconds < 1.0
