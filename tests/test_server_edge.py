@@ -37,7 +37,7 @@ def test_ctrl_c_stops_the_service_promptly_every_time(service_env, tmp_path):
                 time.sleep(0.2)
             os.killpg(service.process.pid, signal.SIGINT)
             try:
-                service.process.wait(5)
+                assert service.process.wait(5) == 0
             except subprocess.TimeoutExpired:
                 service.kill()
                 pytest.fail(f'attempt {attempt + 1}: still running 5 s after Ctrl-C')
