@@ -21,7 +21,8 @@ BAD_VALUES = [
     ('MAIL_CONCURRENCY', '1.5'), ('MAIL_GIVE_UP_AFTER', '0'), ('MAIL_FAILED_RETENTION', '-5'),
     ('RATE_LIMIT', '2/fortnight'), ('RATE_LIMIT', 'lots'), ('RATE_LIMIT_STORAGE', 'redis'),
     ('RATE_LIMIT_STORAGE', 'postgres://x'), ('API_TOKEN', 'two words'), ('API_TOKEN', 'tökén'),
-    ('BODY_TIMEOUT', '-1'), ('BODY_TIMEOUT', '0'), ('FORWARDED_ALLOW_IPS', '10.0.0.300'),
+    ('BODY_TIMEOUT', '-1'), ('BODY_TIMEOUT', '0'), ('HEADER_TIMEOUT', '0'), ('HEADER_TIMEOUT', 'nan'),
+    ('FORWARDED_ALLOW_IPS', '10.0.0.300'),
     ('FORWARDED_ALLOW_IPS', 'proxy.example'), ('WEB_CONCURRENCY', '-1'),
 ]
 
