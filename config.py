@@ -129,6 +129,8 @@ class Config:
                               lambda value: value == '' or (value.isascii() and value.isprintable()
                                                             and ' ' not in value))
     body_timeout: float = _setting(10.0, 'more than 0 seconds', _positive)
+    # Seconds from a request head's first byte to its end (see worker.py).
+    header_timeout: float = _setting(10.0, 'more than 0 seconds', _positive)
     # Proxies whose X-Forwarded-For is believed; none by default.
     forwarded_allow_ips: str = _setting('', "addresses or networks, comma-separated, or '*'",
                                         _parses(parse_networks))

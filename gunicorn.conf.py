@@ -31,7 +31,8 @@ bind = '127.0.0.1:8000'
 # fewer processes means fewer writers racing for SQLite's lock. gthread rather than sync:
 # keep-alive, and one slow client does not hold a whole process.
 workers = app_config.web_concurrency or multiprocessing.cpu_count()
-worker_class = 'gthread'
+# gthread, with request heads read in its event loop and a safe Ctrl-C: see worker.py.
+worker_class = 'worker.Worker'
 threads = 8
 keepalive = 5
 timeout = 30

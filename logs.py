@@ -134,7 +134,7 @@ class GunicornLogger(glogging.Logger):
         fields = {'method': environ.get('REQUEST_METHOD', '-'),
                   'route': environ.get(ROUTE_KEY, UNMATCHED_ROUTE),
                   'path': _wsgi_text(environ.get('PATH_INFO', '-')),
-                  'status': resp.status_code,
+                  'status': _status_code(resp),
                   'duration_ms': round(request_time.total_seconds() * 1000, 1),
                   'client': environ.get('REMOTE_ADDR', '-'),
                   'request_id': _response_header(resp, 'x-request-id')}
@@ -142,6 +142,13 @@ class GunicornLogger(glogging.Logger):
                              quoted(fields['method']), quoted(fields['path']), fields['status'],
                              round(fields['duration_ms']), quoted(fields['request_id'] or '-'),
                              extra={'fields': fields})
+
+
+def _status_code(resp):
+    # resp.status, not status_code: gunicorn sets only the former on the answers it makes
+    # itself (a request it refuses before the app)
+    code = str(resp.status or '').split(' ', 1)[0]
+    return int(code) if code.isdigit() else None
 
 
 def _wsgi_text(text):

@@ -102,6 +102,9 @@ def _read_body(req):
         return stream.read(MAX_BODY_BYTES + 1)
     except TimeoutError:  # see BodyTimeout
         raise falcon.HTTPError(falcon.HTTP_408, description='The body did not arrive in time.')
+    except Exception:  # the server's own errors: a malformed chunk, a body cut short
+        raise falcon.HTTPBadRequest(title='Malformed body',
+                                    description='The body is not validly chunked, or ended early.')
 
 
 def _too_large():
