@@ -618,7 +618,7 @@ def run_scenario(scenario, template, sink, args):
     runs = {app.name: [] for app in scenario.apps}
     for round_ in range(args.rounds):
         for app in scenario.apps:
-            label = f'{scenario.key}-{app.name.replace(" ", "-")}-{round_}'
+            label = f'{scenario.key}-{app.key}-{round_}'
             run = measure(app, scenario, template, sink, args, label)
             runs[app.name].append(run)
             print(f'{scenario.key} {app.name} round {round_ + 1}: {run["rps"]:.0f} req/s, '
