@@ -34,7 +34,10 @@ from models import Outbox, Person, db
 
 log = logging.getLogger('personapi.mailer')
 
-BATCH_SIZE = 10  # mails per SMTP session; small, so that several senders share a backlog
+# Mails claimed at once. A sender that claims a full batch calls another to share the rest
+# of the backlog, so a slow relay gets several sessions and a fast one few, large batches.
+BATCH_SIZE = 50
+LEASE_MAILS = 10  # mails a lease has room for: it is renewed as it runs short
 POLL_SECONDS = 5.0  # without a wake-up, look for due mail (other replicas', retries) this often
 FIRST_RETRY_SECONDS = 1.0
 GATHER_SECONDS = 0.1
@@ -205,9 +208,10 @@ class Courier:
         self.smtp, self.letter, self.max_backoff = smtp, Letter(mail_from), max_backoff
         self.senders, self.give_up_after = senders, give_up_after
         self.failed_retention = failed_retention
-        self.lease_seconds = (REPLIES_PER_SESSION + REPLIES_PER_MAIL * BATCH_SIZE) * smtp.timeout
+        self.lease_seconds = (REPLIES_PER_SESSION + REPLIES_PER_MAIL * LEASE_MAILS) * smtp.timeout
         self._wake = threading.Condition()
         self._woken = False  # a commit since a sender last looked; guarded by _wake
+        self._delivering = 0  # senders in a delivery round; guarded by _wake
         self._stopping = threading.Event()
         self._threads = []
         self._next_purge = 0.0
@@ -235,10 +239,27 @@ class Courier:
         return any(thread.is_alive() for thread in self._threads)
 
     def wake(self):
-        """A mail was queued: one sender (not all of them) goes to look."""
+        """A mail was queued (and committed): one sender goes to look, unless one is already
+        delivering, whose next claim takes the mail; the flag makes it look again after."""
         with self._wake:
             self._woken = True
+            if not self._delivering:
+                self._wake.notify()
+
+    def _call_for_help(self):
+        """A full batch was claimed: more may be due, and an idle sender may share it."""
+        with self._wake:
             self._wake.notify()
+
+    @contextlib.contextmanager
+    def _delivery_round(self):
+        with self._wake:
+            self._delivering += 1
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._delivering -= 1
 
     def stop(self, timeout=None):
         """Finish the mails in hand, give the rest of the batches back, end the threads."""
@@ -254,7 +275,8 @@ class Courier:
             try:
                 models.skip_fsync_on_this_connection()
                 self.housekeeping()
-                self.deliver_due()
+                with self._delivery_round():
+                    self.deliver_due()
                 pause = self._seconds_until_due()
             except Exception as error:
                 log.error('mail delivery round failed: %s', describe_unexpected(error))
@@ -303,6 +325,8 @@ class Courier:
                 if batch is None:
                     break
                 handled += batch.size
+                if batch.size == BATCH_SIZE:
+                    self._call_for_help()
                 try:
                     smtp = smtp or session.enter_context(self.smtp.session())
                     self._send_batch(smtp, batch)
@@ -349,9 +373,8 @@ class Courier:
         the relay raises RelayFailure."""
         row = batch.unsent.pop(0)
         try:
-            recipient, options = envelope_recipient(row.person.email,
-                                                     smtp.has_extn('smtputf8'))
-            message = self.letter.compose(row.person, recipient)
+            recipient, options = envelope_recipient(row.email, smtp.has_extn('smtputf8'))
+            message = self.letter.compose(row, recipient)
         except PermanentFailure as error:
             return self._give_up(row, str(error))
         except Exception as error:  # a row no message can be made of must not jam the rest

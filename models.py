@@ -5,6 +5,7 @@ and the schema's migrations.
 master does it before forking.
 """
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -89,6 +90,11 @@ class IdempotencyKey(BaseModel):
                 cls.delete().where(expired).execute()
 
 
+# A claimed mail and what it is sent with; tuples: building models costs more than the mail.
+ClaimedMail = collections.namedtuple(
+    'ClaimedMail', 'claim id attempts created_at email first_name last_name')
+
+
 class Outbox(BaseModel):
     """One welcome mail to send, written in the same transaction as its person.
 
@@ -117,8 +123,8 @@ class Outbox(BaseModel):
     @classmethod
     def claim_due(cls, claim, *, now, lease, limit):
         """Lease up to `limit` due mails to `claim`: one conditional UPDATE, so two senders
-        racing for a row cannot both win it, on any engine. Returns the claimed rows with
-        their person's current address and names (`row.person`)."""
+        racing for a row cannot both win it, on any engine. Returns them as ClaimedMail,
+        with their person's current address and names."""
         due = [row_id for (row_id,) in cls.select(cls.id).where(
             cls.status == cls.PENDING, cls.due_at <= now).order_by(cls.due_at).limit(limit).tuples()]
         if not due:
@@ -126,7 +132,9 @@ class Outbox(BaseModel):
         with write_transaction():
             cls.update(claim=claim, due_at=now + lease, attempts=cls.attempts + 1).where(
                 cls.id.in_(due), cls.status == cls.PENDING, cls.due_at <= now).execute()
-        return list(cls.select(cls, Person).join(Person).where(cls.claim == claim).order_by(cls.id))
+        return [ClaimedMail(claim, *row) for row in cls.select(
+            cls.id, cls.attempts, cls.created_at, Person.email, Person.first_name,
+            Person.last_name).join(Person).where(cls.claim == claim).order_by(cls.id).tuples()]
 
     @classmethod
     def next_due_at(cls):
