@@ -10,7 +10,9 @@ The copy differs from deploy.yaml only where podman or this machine requires it:
 - no probes: podman 4.3 turns them into a curl run inside the image (which has no curl) and
   does not resolve named ports; the check requests the probes' paths itself;
 - SMTP_HOST resolves to the pod's own loopback, so no DNS look-up leaves the pod (the mail
-  then waits in the outbox, as it would while the mail catcher is down).
+  then waits in the outbox, as it would while the mail catcher is down);
+- init containers are kept after they ran (podman's `always` type): podman 4.3 removes a
+  `once` init container in a race with its exit and then fails the whole play.
 """
 
 import sys
@@ -18,6 +20,7 @@ import sys
 import yaml
 
 COMPONENT = 'app.kubernetes.io/component'
+INIT_CONTAINER_TYPE = 'io.podman.annotations.init.container.type'
 
 
 def configmap_env(documents):
@@ -30,7 +33,9 @@ def played_copy(documents, host_port):
     for doc in played:
         if doc['kind'] != 'Deployment':
             continue
-        pod = doc['spec']['template']['spec']
+        template = doc['spec']['template']
+        template['metadata'].setdefault('annotations', {})[INIT_CONTAINER_TYPE] = 'always'
+        pod = template['spec']
         pod['hostAliases'] = [{'ip': '127.0.0.1',
                                'hostnames': [configmap_env(documents)['SMTP_HOST']]}]
         for container in pod['containers']:
