@@ -131,6 +131,16 @@ class Letter:
         name, self.sender = config.parse_mail_from(mail_from)
         self.domain = self.sender.rpartition('@')[2]
         self._from = email.utils.formataddr((name, self.sender)) if name else self.sender
+        self._date = (None, '')  # (second, Date header of that second), replaced as one
+
+    def _date_header(self):
+        """The Date header, made once a second: formatting it costs more than the rest."""
+        second, text = self._date
+        now = int(time.time())
+        if now != second:
+            text = email.utils.formatdate(now, usegmt=True)
+            self._date = (now, text)
+        return text
 
     def compose(self, person, recipient):
         """The message for `person` (current names) to the envelope address `recipient`."""
@@ -140,7 +150,7 @@ class Letter:
         head = (f'From: {self._from}\r\n'
                 f'To: {recipient}\r\n'
                 f'Subject: {header_text(f"Welcome, {full_name}!")}\r\n'
-                f'Date: {email.utils.formatdate(usegmt=True)}\r\n'
+                f'Date: {self._date_header()}\r\n'
                 f'Message-ID: <{uuid.uuid4().hex}@{self.domain}>\r\n'
                 'MIME-Version: 1.0\r\n'
                 'Content-Type: text/plain; charset=utf-8\r\n'

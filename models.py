@@ -124,17 +124,21 @@ class Outbox(BaseModel):
     def claim_due(cls, claim, *, now, lease, limit):
         """Lease up to `limit` due mails to `claim`: one conditional UPDATE, so two senders
         racing for a row cannot both win it, on any engine. Returns them as ClaimedMail,
-        with their person's current address and names."""
-        due = [row_id for (row_id,) in cls.select(cls.id).where(
-            cls.status == cls.PENDING, cls.due_at <= now).order_by(cls.due_at).limit(limit).tuples()]
+        with their person's current address and names.
+
+        Its SQL is built once (see _statement): peewee would take longer to build it than
+        the database to run it, for every batch."""
+        due_sql = _statement('due_mails', lambda: cls.select(cls.id).where(
+            cls.status == cls.PENDING, cls.due_at <= 0).order_by(cls.due_at).limit(1))
+        due = [row_id for (row_id,) in db.execute_sql(due_sql, (cls.PENDING, now, limit))]
         if not due:
             return []
         with write_transaction():
-            cls.update(claim=claim, due_at=now + lease, attempts=cls.attempts + 1).where(
-                cls.id.in_(due), cls.status == cls.PENDING, cls.due_at <= now).execute()
-        return [ClaimedMail(claim, *row) for row in cls.select(
+            db.execute_sql(_claim_sql(len(due)), (claim, now + lease, *due, cls.PENDING, now))
+        claimed_sql = _statement('claimed_mails', lambda: cls.select(
             cls.id, cls.attempts, cls.created_at, Person.email, Person.first_name,
-            Person.last_name).join(Person).where(cls.claim == claim).order_by(cls.id).tuples()]
+            Person.last_name).join(Person).where(cls.claim == '').order_by(cls.id))
+        return [ClaimedMail(claim, *row) for row in db.execute_sql(claimed_sql, (claim,))]
 
     @classmethod
     def next_due_at(cls):
@@ -266,6 +270,20 @@ def _statement(key, query):
     if sql is None:
         sql = _statements[key] = query().sql()[0]
     return sql
+
+
+def _claim_sql(count):
+    """UPDATE outbox SET claim = ?, due_at = ?, attempts = attempts + 1 WHERE id IN (`count`
+    ids) AND status = ? AND due_at <= ?, in the database's quoting and parameter style."""
+    def sql():
+        name = db.quote[0] + '{}' + db.quote[1]
+        claim, due_at, attempts, row_id, status = (
+            name.format(column) for column in ('claim', 'due_at', 'attempts', 'id', 'status'))
+        ids = ', '.join([db.param] * count)
+        return (f'UPDATE {name.format(Outbox._meta.table_name)} SET {claim} = {db.param}, '
+                f'{due_at} = {db.param}, {attempts} = {attempts} + 1 WHERE {row_id} IN ({ids}) '
+                f'AND {status} = {db.param} AND {due_at} <= {db.param}')
+    return _statements.get(('claim', count)) or _statements.setdefault(('claim', count), sql())
 
 
 def find_email_and_version(person_id):
