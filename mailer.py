@@ -34,10 +34,11 @@ from models import Outbox, Person, db
 
 log = logging.getLogger('personapi.mailer')
 
-# Mails claimed at once. A sender that claims a full batch calls another to share the rest
-# of the backlog, so a slow relay gets several sessions and a fast one few, large batches.
-BATCH_SIZE = 50
-LEASE_MAILS = 10  # mails a lease has room for: it is renewed as it runs short
+# Mails claimed at once; small, so that their bookkeeping holds SQLite's write lock briefly.
+# A sender that claims a full batch calls another to share the rest of the backlog, so a
+# slow relay gets several sessions.
+BATCH_SIZE = 10
+LEASE_MAILS = 5  # mails a lease has room for: it is renewed as it runs short
 POLL_SECONDS = 5.0  # without a wake-up, look for due mail (other replicas', retries) this often
 FIRST_RETRY_SECONDS = 1.0
 GATHER_SECONDS = 0.1

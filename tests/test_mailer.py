@@ -323,14 +323,15 @@ def test_a_claimed_mail_is_invisible_to_other_senders_until_its_lease_ends(clien
 
 
 def test_a_server_slow_on_every_reply_gets_each_mail_once(config, client, smtp):
-    """Each reply takes 0.9 x SMTP_TIMEOUT: a batch outlasts a lease sized by the mails
-    alone, and a second sender must not take over mails the first has sent."""
+    """Each reply takes 0.9 x SMTP_TIMEOUT: a batch outlasts its lease, which must be renewed
+    before it runs out, or another sender would take over mails the first has sent."""
     for number in range(20):
         register(client, email=f'slow{number}@example.com')
     smtp.delay = 0.45
     couriers = [Courier(Smtp('127.0.0.1', smtp.port, timeout=0.5), config.mail_from, senders=2)
                 for _ in range(2)]  # two workers
     for courier in couriers:
+        courier.lease_seconds = 5  # shorter than a batch takes here: it must be renewed
         courier.start()
     try:
         assert smtp.wait_for(20, timeout=90) == 20
