@@ -39,6 +39,7 @@ import sqlite3
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -479,7 +480,7 @@ def draw(results, path, subtitle):
 
     apps = list(dict.fromkeys(app for result in results for app in result.scenario.apps))
     width = 0.8 / len(apps)
-    figure, axes = pyplot.subplots(figsize=(10, 5), layout='constrained')
+    figure, axes = pyplot.subplots(figsize=(2.2 * len(results) + 2, 5.5), layout='constrained')
     for index, app in enumerate(apps):
         places = [n + (index - (len(apps) - 1) / 2) * width
                   for n, result in enumerate(results) if app.name in result.rows]
@@ -490,8 +491,9 @@ def draw(results, path, subtitle):
                               + (f'\n{ratio_text(result, app.name)}×' if app.name in result.ratios
                                  else '') for result in ran], fontsize=8)
     axes.set_xticks(range(len(results)),
-                    [f'{result.scenario.title}\n(ratio: × {result.scenario.baseline.name})'
-                     for result in results])
+                    [textwrap.fill(result.scenario.title, 20)
+                     + '\n' + textwrap.fill(f'(ratio: × {result.scenario.baseline.name})', 20)
+                     for result in results], fontsize=8)
     axes.set_ylabel('requests per second')
     axes.set_title(f'personapi against the ceilings ({subtitle})')
     axes.legend()
