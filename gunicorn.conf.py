@@ -91,7 +91,8 @@ def post_worker_init(worker):
 
 
 def worker_exit(server, worker):
-    """Let the courier finish the mail in hand on a graceful stop."""
+    """Let the courier finish the mail in hand on a graceful stop. Ctrl-C stops at once: a
+    mail in hand then waits out its lease and is sent again, once."""
     personapi = sys.modules.get('personapi')
     if personapi is not None and 'courier' in vars(personapi):
-        personapi.courier.stop()
+        personapi.courier.stop(timeout=1.0 if getattr(worker, 'stopping_at_once', False) else None)

@@ -78,6 +78,7 @@ class Worker(ThreadWorker):
         self.header_timeout = Config.from_env().header_timeout
         self.waiting = {}  # connection the event loop waits on -> what to do past its deadline
         self.busy = set()  # connections a pool thread is serving
+        self.stopping_at_once = False  # Ctrl-C: see quit()
         cfg = self.cfg
         # gunicorn's own bound on a head (its Request.max_buffer_headers), plus the request line
         self.max_head = (cfg.limit_request_line + 2 + 4 +
@@ -99,6 +100,7 @@ class Worker(ThreadWorker):
             except OSError:
                 pass  # already closed by its thread
         self.tpool.shutdown(wait=False, cancel_futures=True)
+        self.stopping_at_once = True  # for worker_exit: no waiting on the mail in hand either
         self.cfg.worker_int(self)
         sys.exit(0)
 

@@ -44,6 +44,19 @@ def test_ctrl_c_stops_the_service_promptly_every_time(service_env, tmp_path):
     assert 'SIGKILL' not in log_path.read_text()
 
 
+def test_ctrl_c_does_not_wait_for_a_stalled_relay(service_env, smtp, tmp_path):
+    smtp.delay = 30  # every SMTP reply: the mail in hand would hold the courier for long
+    service = Service({**service_env, 'SMTP_TIMEOUT': '20'},
+                      log_path=tmp_path / 'gunicorn.log').start()
+    try:
+        assert service.request('POST', '/person', PERSON)[0] == 201
+        time.sleep(1)  # the courier is waiting on the relay
+        os.killpg(service.process.pid, signal.SIGINT)
+        assert service.process.wait(5) == 0
+    finally:
+        service.kill()
+
+
 def test_sigterm_stops_gracefully_and_the_courier_finishes_its_mail(service_env, smtp, tmp_path):
     smtp.delay = 0.6  # each SMTP reply: the session opens by 0.7 s and the mail ends at 2.5 s
     service = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
