@@ -78,7 +78,7 @@ class Worker(ThreadWorker):
         self.header_timeout = Config.from_env().header_timeout
         self.waiting = {}  # connection the event loop waits on -> what to do past its deadline
         self.busy = set()  # connections a pool thread is serving
-        self.stopping_at_once = False  # Ctrl-C: see quit()
+        self.stopping_at_once = False  # Ctrl-C: no waiting on the mail in hand either
         cfg = self.cfg
         # gunicorn's own bound on a head (its Request.max_buffer_headers), plus the request line
         self.max_head = (cfg.limit_request_line + 2 + 4 +
@@ -87,8 +87,10 @@ class Worker(ThreadWorker):
     # --- Stopping --------------------------------------------------------------------------
 
     def handle_quit(self, sig, frame):
-        # Only what is safe in a handler, even entered twice: a flag and a wake-up.
+        # Only what is safe in a handler, even entered twice: flags and a wake-up. The loop
+        # may end on `alive` before it runs quit(): worker_exit must know the stop is quick.
         self.alive = False
+        self.stopping_at_once = True
         self.method_queue.defer(self.quit)
 
     def quit(self):
@@ -100,7 +102,6 @@ class Worker(ThreadWorker):
             except OSError:
                 pass  # already closed by its thread
         self.tpool.shutdown(wait=False, cancel_futures=True)
-        self.stopping_at_once = True  # for worker_exit: no waiting on the mail in hand either
         self.cfg.worker_int(self)
         sys.exit(0)
 
