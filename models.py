@@ -7,8 +7,10 @@ master does it before forking.
 
 import collections
 import contextlib
+import fcntl
 import hashlib
 import os
+import queue
 import sys
 import tempfile
 import threading
@@ -210,9 +212,51 @@ MODELS = [Person, IdempotencyKey, Outbox, SchemaVersion]
 # The hot paths' SQL, built once per bound database (connect() empties it): peewee's query
 # builder costs more than running the statement (30 times more for the lookup by id).
 _statements = {}
-# SQLite admits one writer; the threads of a process queue here first, where the next one
-# wakes at once, instead of in SQLite's busy handler, which sleeps up to 100 ms per try.
-_sqlite_writers = threading.RLock()  # re-entrant: a nested write becomes a savepoint
+
+
+class _WriterQueue:
+    """SQLite admits one writer at a time, and its busy handler sleeps up to 100 ms per
+    try. Writers queue here instead, where the next one wakes at once: the threads of a
+    process on a lock, the processes on an flock of a file beside the database (its name
+    and `-lock`; it holds nothing). Re-entrant: a nested write becomes a savepoint."""
+
+    def __init__(self):
+        self._threads = threading.RLock()
+        self._depth = 0  # of the holding thread's nesting; guarded by _threads
+        self._path, self._fd = None, None
+        os.register_at_fork(after_in_child=self._forget_file)
+
+    def use_file(self, path):
+        """Queue the processes on `path` (None: this process alone, for `:memory:`)."""
+        with self._threads:
+            self._forget_file()
+            self._path = path
+
+    def _forget_file(self):
+        if self._fd is not None:  # a forked child's copy: its lock would be the parent's
+            os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self):
+        self._threads.acquire()
+        try:
+            if self._depth == 0 and self._path:
+                if self._fd is None:
+                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._threads.release()
+            raise
+        self._depth += 1
+
+    def __exit__(self, *exc_info):
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        self._threads.release()
+
+
+_sqlite_writers = _WriterQueue()
 
 
 def email_key(email):
@@ -232,8 +276,10 @@ def connect(url):
     in_url = db_url.parse(url)
     if scheme == 'sqlite':
         options = SQLITE_OPTIONS
-        if in_url['database'] != ':memory:':
+        in_file = in_url['database'] not in ('', ':memory:')
+        if in_file:
             _require_writable_folder(os.path.dirname(os.path.abspath(in_url['database'])))
+        _sqlite_writers.use_file(f"{in_url['database']}-lock" if in_file else None)
     else:
         options = SERVER_OPTIONS.get(scheme.replace('postgresql', 'postgres'), {})
     # Options spelled out in the URL's query string win over these defaults.
@@ -347,6 +393,101 @@ def write_transaction():
     else:
         with db.atomic():
             yield
+
+
+def write_together(work):
+    """Run `work()` in a write transaction and return what it returns, or raise what it
+    raises; on SQLite, in one transaction with the other threads' writes of the moment."""
+    return _group_commit.write(work)
+
+
+class _GroupCommit:
+    """Group commit on SQLite: one writer thread per process runs the writes the request
+    threads hand it, all that arrived while the last commit ran in one transaction, with
+    one turn at the write lock and one fsync, rather than one each.
+
+    A write whose own error (a duplicate address, say) fails its group is run again alone,
+    so it fails alone; the database's errors fail the group. Database servers commit
+    concurrent transactions well themselves: there each write runs in its own transaction,
+    in the thread that asks.
+    """
+
+    MAX_GROUP = 32  # a longer transaction would keep other processes' writers waiting
+    DATABASE_ERRORS = (peewee.OperationalError, peewee.InterfaceError)
+
+    def __init__(self):
+        self._writes = None  # this process's queue to its writer thread, made on first use
+        self._starting = threading.Lock()
+        os.register_at_fork(after_in_child=self._forget_writer)
+
+    def _forget_writer(self):
+        self._writes, self._starting = None, threading.Lock()  # no thread survives a fork
+
+    def write(self, work):
+        if not is_sqlite():
+            with write_transaction():
+                return work()
+        write = _Write(work)
+        (self._writes or self._start_writer()).put(write)
+        return write.outcome()
+
+    def _start_writer(self):
+        with self._starting:
+            if self._writes is None:
+                writes = queue.SimpleQueue()
+                threading.Thread(target=self._run, args=(writes,), name='sqlite-writer',
+                                 daemon=True).start()
+                self._writes = writes
+        return self._writes
+
+    def _run(self, writes):
+        while True:
+            group = [writes.get()]
+            with contextlib.suppress(queue.Empty):
+                while len(group) < self.MAX_GROUP:
+                    group.append(writes.get_nowait())
+            self._commit(group)
+
+    def _commit(self, group):
+        try:
+            with write_transaction():
+                results = [write.work() for write in group]
+        except self.DATABASE_ERRORS as error:
+            for write in group:
+                write.finish(error=error)
+        except Exception as error:
+            if len(group) == 1:
+                group[0].finish(error=error)
+            else:
+                for write in group:  # find whose error it was
+                    self._commit([write])
+        else:
+            for write, result in zip(group, results):
+                write.finish(result)
+
+
+class _Write:
+    """A write handed to the writer thread, and its outcome once committed."""
+
+    __slots__ = ('work', '_result', '_error', '_done')
+
+    def __init__(self, work):
+        self.work, self._result, self._error = work, None, None
+        self._done = threading.Lock()  # the cheapest wait: held until the outcome is known
+        self._done.acquire()
+
+    def finish(self, result=None, error=None):
+        self._result, self._error = result, error
+        self._done.release()
+
+    def outcome(self):
+        self._done.acquire()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+
+_group_commit = _GroupCommit()
 
 
 _erasure_unfinished = False  # a person was deleted and the WAL may still hold their bytes

@@ -277,7 +277,7 @@ class PersonCollection:
     @staticmethod
     def _create(fields, key):
         """Insert the person, its welcome mail and the record of its key, as one."""
-        with models.write_transaction():
+        def create():
             person_id = models.insert(Person, **fields)
             mailer.enqueue_welcome(person_id)
             document = json.dumps(person_document(Person(id=person_id, **fields)),
@@ -286,7 +286,8 @@ class PersonCollection:
                 key_hash, fingerprint = key
                 models.insert(IdempotencyKey, key_hash=key_hash, fingerprint=fingerprint,
                               person=person_id, response=document, created_at=time.time())
-        return person_id, document
+            return person_id, document
+        return models.write_together(create)
 
     def _replay(self, resp, key_hash, fingerprint):
         """Answer again what the first request with this key was answered, if there was one."""

@@ -1,13 +1,21 @@
 """Writes that are safe to race and to retry: ids never reused, ETags with If-Match and
 If-None-Match, Idempotency-Key on POST; in-process, then against real gunicorn."""
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import multiprocessing
+import os
+import sqlite3
+import threading
 import time
 
+import peewee
 import pytest
 import webtest
 
+import models
 import personapi
 from models import IdempotencyKey, Person
 from test_api import ADA, GRACE, post, send, snapshot
@@ -206,6 +214,130 @@ def test_deleting_the_person_erases_the_record_of_its_key(client):
     assert IdempotencyKey.select().count() == 0
     again = post_with_key(client, ADA, 'order-1', status=201)
     assert again.json['id'] != first.json['id']
+
+
+# --- Writes together: SQLite's writer queue and group commit -------------------------------
+
+@pytest.fixture
+def sqlite_file(database_url):
+    if not database_url.startswith('sqlite'):
+        pytest.skip('SQLite\'s own: a database server queues and commits writers itself')
+    return database_url.removeprefix('sqlite:///')
+
+
+@contextlib.contextmanager
+def writer_queue_held(sqlite_file):
+    """Hold the processes' writer queue as another process would: flock on the lock file."""
+    descriptor = os.open(f'{sqlite_file}-lock', os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def start(target):
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def committed_persons(sqlite_file):
+    """What another connection sees: in WAL mode, what has been committed."""
+    with contextlib.closing(sqlite3.connect(sqlite_file)) as reader:
+        return reader.execute('SELECT count(*) FROM person').fetchone()[0]
+
+
+def creation(n, seen, sqlite_file, fail=False):
+    """A write that notes how many persons were committed when it ran in its transaction."""
+    def work():
+        seen.append(committed_persons(sqlite_file))
+        if fail:
+            raise ValueError('this write\'s own failure')
+        return models.insert(Person, **person_fields(n))
+    return work
+
+
+def person_fields(n):
+    email = f'p{n}@example.com'
+    return {'first_name': f'P{n}', 'last_name': 'Group', 'email': email,
+            'email_key': models.email_key(email)}
+
+
+def write_all_at_once(works, sqlite_file):
+    """Hand every write to the writer while another process holds the queue; release it
+    when all wait. Returns each write's result or error."""
+    outcomes = [None] * len(works)
+
+    def run(i):
+        try:
+            outcomes[i] = models.write_together(works[i])
+        except Exception as error:
+            outcomes[i] = error
+
+    with writer_queue_held(sqlite_file):
+        threads = [start(lambda i=i: run(i)) for i in range(len(works))]
+        time.sleep(0.5)  # all handed over: one waits for the queue, the rest behind it
+        assert outcomes == [None] * len(works)  # nothing passed the held queue
+    for thread in threads:
+        thread.join(10)
+    return outcomes
+
+
+def test_writes_arriving_together_commit_in_one_transaction(sqlite_file):
+    seen = []
+    outcomes = write_all_at_once([creation(n, seen, sqlite_file) for n in range(20)],
+                                 sqlite_file)
+    assert all(isinstance(outcome, int) for outcome in outcomes)
+    assert Person.select().count() == 20
+    # The first write went in alone, the 19 queued behind it together: they all saw the
+    # same committed state. One transaction each would have seen 0, 1, 2, ... 19.
+    assert len(set(seen)) <= 2
+
+
+def test_a_write_that_fails_in_a_group_fails_alone(sqlite_file):
+    seen = []
+    works = [creation(n, seen, sqlite_file, fail=n == 7) for n in range(12)]
+    works.append(creation(3, seen, sqlite_file))  # the same address as write 3: a duplicate
+    outcomes = write_all_at_once(works, sqlite_file)
+    assert isinstance(outcomes[7], ValueError)
+    assert sum(isinstance(outcome, peewee.IntegrityError) for outcome in outcomes) == 1
+    assert sum(isinstance(outcome, int) for outcome in outcomes) == 11
+    assert sorted(name for (name,) in Person.select(Person.first_name).tuples()) == sorted(
+        f'P{n}' for n in range(12) if n != 7)
+
+
+def test_writers_of_other_processes_wait_in_the_queue(sqlite_file):
+    done = threading.Event()
+    with writer_queue_held(sqlite_file):
+        start(lambda: (models.write_together(creation(1, [], sqlite_file)), done.set()))
+        assert not done.wait(0.5)  # SQLite's own lock is free: only the queue holds it
+    assert done.wait(5)
+
+
+def hold_the_queue_in_the_child(started, release):
+    with models._sqlite_writers:  # the queue alone: the parent's connection is not the child's
+        started.set()
+        release.wait(10)
+
+
+def test_a_forked_process_queues_apart_from_its_parent(sqlite_file):
+    with models.write_transaction():  # the parent has opened its queue's file, and holds it
+        pass
+    fork = multiprocessing.get_context('fork')
+    started, release = fork.Event(), fork.Event()
+    child = fork.Process(target=hold_the_queue_in_the_child, args=(started, release))
+    child.start()
+    try:
+        assert started.wait(10)
+        done = threading.Event()
+        start(lambda: (models.write_together(creation(1, [], sqlite_file)), done.set()))
+        assert not done.wait(0.5)  # a shared descriptor would have let both in at once
+        release.set()
+        assert done.wait(10)
+    finally:
+        release.set()
+        child.join(10)
 
 
 # --- Against real gunicorn ------------------------------------------------------------------
