@@ -42,24 +42,28 @@ class RequestId:
     cost of a uuid4 per request.
     """
 
-    def __init__(self):
-        self._generator = (None, None, None)  # (pid, prefix, counter), replaced as one
-
     def process_request(self, req, resp):
-        given = req.get_header('X-Request-ID')
-        req.context.request_id = given if given and REQUEST_ID.match(given) else self._make()
+        given = req.env.get('HTTP_X_REQUEST_ID')  # req.get_header('X-Request-ID'), for less
+        req.context.request_id = given if given and REQUEST_ID.match(given) else _new_request_id()
         logs.request_id.set(req.context.request_id)
-
-    def _make(self):
-        pid, prefix, counter = self._generator
-        if pid != os.getpid():  # a forked worker must not repeat its parent's ids
-            pid, prefix, counter = os.getpid(), uuid.uuid4().hex[:12], itertools.count(1)
-            self._generator = (pid, prefix, counter)
-        return f'{prefix}-{next(counter)}'
 
     def process_response(self, req, resp, resource, req_succeeded):
         resp.set_header('X-Request-ID', req.context.request_id)
         logs.request_id.set(None)  # this thread's next lines are about no request
+
+
+def _new_request_id():
+    prefix, counter = _request_ids
+    return f'{prefix}-{next(counter)}'
+
+
+def _new_request_id_prefix():
+    global _request_ids
+    _request_ids = (uuid.uuid4().hex[:12], itertools.count(1))  # replaced as one
+
+
+_new_request_id_prefix()
+os.register_at_fork(after_in_child=_new_request_id_prefix)  # a worker must not repeat its parent's ids
 
 
 class SecurityHeaders:
@@ -86,9 +90,10 @@ class BodyTimeout:
 
     @staticmethod
     def _set(req, seconds):
-        client = req.env.get('gunicorn.socket')
-        if client is not None and req.method in BODY_METHODS:
-            client.settimeout(seconds)
+        if req.method in BODY_METHODS:
+            client = req.env.get('gunicorn.socket')
+            if client is not None:
+                client.settimeout(seconds)
 
 
 class BearerToken:

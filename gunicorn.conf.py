@@ -84,15 +84,21 @@ def on_exit(server):
 
 
 def post_worker_init(worker):
-    """Start this worker's mail courier: after the fork, so its connection is its own."""
+    """Start this worker's mail courier (after the fork, so its connection is its own) and
+    its metrics' flushes."""
+    import metrics
     import personapi
 
     personapi.courier.start()
+    if app_config.metrics:
+        metrics.start_flushing()
 
 
 def worker_exit(server, worker):
-    """Let the courier finish the mail in hand on a graceful stop. Ctrl-C stops at once: a
-    mail in hand then waits out its lease and is sent again, once."""
+    """Let the courier finish the mail in hand on a graceful stop (Ctrl-C stops at once: a
+    mail in hand then waits out its lease and is sent again, once); count the last requests."""
     personapi = sys.modules.get('personapi')
     if personapi is not None and 'courier' in vars(personapi):
         personapi.courier.stop(timeout=1.0 if getattr(worker, 'stopping_at_once', False) else None)
+    if 'metrics' in sys.modules:
+        sys.modules['metrics'].flush()

@@ -28,6 +28,9 @@ from models import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, IdempotencyKey, Person, db
 
 MAX_BODY_BYTES = 64 * 1024
 PERSON_ROUTE = '/person/{person_id:person_id}'
+# What resp.media writes, as Falcon's JSON handler does, but with the encoder made once:
+# json.dumps() makes a new one for every call given options.
+encode_json = json.JSONEncoder(ensure_ascii=False).encode
 
 
 # --- Routing --------------------------------------------------------------------------------
@@ -280,8 +283,7 @@ class PersonCollection:
         def create():
             person_id = models.insert(Person, **fields)
             mailer.enqueue_welcome(person_id)
-            document = json.dumps(person_document(Person(id=person_id, **fields)),
-                                  ensure_ascii=False)  # as resp.media writes it
+            document = encode_json(person_document(Person(id=person_id, **fields)))
             if key:
                 key_hash, fingerprint = key
                 models.insert(IdempotencyKey, key_hash=key_hash, fingerprint=fingerprint,
@@ -383,6 +385,7 @@ def create_app(config, courier):
     if not models.is_sqlite():
         middleware.append(ConnectionPerRequest())
     app = falcon.App(middleware=middleware, router=router)
+    app.resp_options.media_handlers[JSON] = falcon.media.JSONHandler(dumps=encode_json)
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)

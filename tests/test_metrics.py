@@ -12,6 +12,7 @@ import pytest
 import webtest
 from prometheus_client.parser import text_string_to_metric_families
 
+import metrics
 import models
 import personapi
 from docs import ASSETS_PATH
@@ -194,7 +195,8 @@ def test_counts_of_every_worker_add_up_and_survive_a_killed_worker(service):
         assert len(results) < 1000
         results += get_many(service, [f'/person/{n}' for n in range(1, 21)])
     assert [status for status, _, _ in results] == [404] * len(results)
-    assert requests_total(scrape(service), **person_route) == len(results)
+    # Each worker hands its counts over within a second (metrics.FLUSH_SECONDS).
+    assert wait_until(lambda: requests_total(scrape(service), **person_route) == len(results))
 
     victim = workers_of(service)[0]
     os.kill(victim, signal.SIGKILL)
@@ -202,7 +204,8 @@ def test_counts_of_every_worker_add_up_and_survive_a_killed_worker(service):
     for _ in range(10):  # whichever worker answers, old or new
         assert requests_total(scrape(service), **person_route) == len(results)
     get_many(service, [f'/person/{n}' for n in range(1, 21)])
-    assert requests_total(scrape(service), **person_route) == len(results) + 20
+    assert wait_until(lambda: requests_total(scrape(service), **person_route) ==
+                      len(results) + 20)
 
 
 def test_a_mail_pending_while_smtp_is_down_shows_until_it_is_sent(service_env, tmp_path):
@@ -231,3 +234,12 @@ def test_metrics_off_under_gunicorn_serves_no_metrics(service_env, tmp_path):
         assert http('GET', f'{service.url}/healthz')[0] == 200
     finally:
         service.stop()
+
+
+def test_counts_do_not_pile_up_where_nothing_flushes_them(client, monkeypatch):
+    before = requests_total(client.get('/metrics').text, route='/healthz')
+    monkeypatch.setattr(metrics, 'MAX_UNRECORDED', 5)
+    for _ in range(20):
+        client.get('/healthz')
+        assert len(metrics._unrecorded) <= 5
+    assert requests_total(client.get('/metrics').text, route='/healthz') - before == 20
