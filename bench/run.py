@@ -1,7 +1,8 @@
 """`make bench`: the service against the ceilings of bench/ceiling.py, under the same gunicorn
 settings, with wrk.
 
-Each scenario serves its apps in turn, round after round (A B C A B C: the machine is noisy),
+Each scenario serves its apps in turn, round after round, every other round in reverse
+order (A B C C B A: the machine is noisy, and a place in the order is worth up to 15%),
 each on a fresh copy of a database seeded by a bulk insert, with a real SMTP sink, and reports
 every figure of the apps listed after the scenario's baseline as a ratio to the baseline of
 the same round. Prints the tables and writes them into bench/RESULTS.md between its markers
@@ -458,7 +459,8 @@ def environment(args):
             f'{getattr(worker_class, "__name__", worker_class)}, {settings["workers"]} workers, '
             f'{settings["threads"]} threads, keepalive {settings["keepalive"]} s; '
             f'extra flags: {flags}',
-            f'- Method: {args.rounds} round(s) of each scenario\'s apps in turn, '
+            f'- Method: {args.rounds} round(s) of each scenario\'s apps in turn, every other '
+            f'round in reverse order (A B C C B A), '
             f'{args.warmup} s warm-up then {args.seconds} s measured; req/s, p50 and p99 are '
             f'the rounds\' mean; wrk counts status ≥ 400 as non-2xx (no app answers 1xx or '
             f'3xx); "mail delivered": mails waited for {args.drain} s at most after the load, '
@@ -619,7 +621,8 @@ def main(argv):
 def run_scenario(scenario, template, sink, args):
     runs = {app.name: [] for app in scenario.apps}
     for round_ in range(args.rounds):
-        for app in scenario.apps:
+        # Reversed every other round: the place in the order weighs on each app alike.
+        for app in scenario.apps[::-1] if round_ % 2 else scenario.apps:
             label = f'{scenario.key}-{app.key}-{round_}'
             run = measure(app, scenario, template, sink, args, label)
             runs[app.name].append(run)

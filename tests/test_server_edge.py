@@ -7,12 +7,13 @@ import selectors
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
-from support import Service
+from support import ROOT, Service, wait_until
 
 
 # The HTTP server behaves the same on every database: one engine is enough.
@@ -242,3 +243,52 @@ def test_clients_that_never_close_their_side_hold_nothing(logged_service):
             sock.close()
     print(f'healthz {seconds:.3f} s')
     assert status == 200 and seconds < 1.0
+
+
+# --- Listening --------------------------------------------------------------------------------
+
+def listening_sockets(port):
+    """The sockets listening on the IPv4 `port`, by inode (from /proc/net/tcp)."""
+    with open('/proc/net/tcp') as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return {row[9] for row in rows if row[3] == '0A' and int(row[1].split(':')[1], 16) == port}
+
+
+def test_each_worker_listens_on_a_socket_of_its_own(service_env, tmp_path):
+    """So that the kernel shares connections out between them: on one shared socket a
+    burst of keep-alive clients could all go to one worker."""
+    service = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
+    try:
+        assert wait_until(lambda: len(listening_sockets(service.port)) == 2)
+    finally:
+        service.kill()
+
+
+def gunicorn(service_env, *flags):
+    return subprocess.Popen([sys.executable, '-m', 'gunicorn', *flags], cwd=ROOT,
+                            env={**os.environ, **service_env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_a_port_in_use_stops_the_start_with_one_line(service_env):
+    with socket.create_server(('127.0.0.1', 0)) as taken:
+        port = taken.getsockname()[1]
+        process = gunicorn(service_env, '--bind', f'127.0.0.1:{port}')
+        _, errors = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert f'personapi: 127.0.0.1:{port} is in use; stop what listens there' in errors
+
+
+def test_a_unix_socket_is_served(service_env, tmp_path):
+    path = tmp_path / 'personapi.sock'
+    process = gunicorn(service_env, '--bind', f'unix:{path}')
+    try:
+        assert wait_until(path.exists)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.settimeout(10)
+            assert wait_until(lambda: client.connect_ex(str(path)) == 0)
+            client.sendall(b'GET /healthz HTTP/1.0\r\n\r\n')
+            assert client.recv(100).split(b' ')[1] == b'200'
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
