@@ -221,10 +221,16 @@ class _WriterQueue:
     and `-lock`; it holds nothing). Re-entrant: a nested write becomes a savepoint."""
 
     def __init__(self):
+        self._path, self._fd = None, None
+        self._start_afresh()
+        os.register_at_fork(after_in_child=self._start_afresh)
+
+    def _start_afresh(self):
+        """In a new process: no thread of the parent's holds the lock, and the parent's file
+        descriptor would share the parent's flock."""
         self._threads = threading.RLock()
         self._depth = 0  # of the holding thread's nesting; guarded by _threads
-        self._path, self._fd = None, None
-        os.register_at_fork(after_in_child=self._forget_file)
+        self._forget_file()
 
     def use_file(self, path):
         """Queue the processes on `path` (None: this process alone, for `:memory:`)."""
@@ -233,7 +239,7 @@ class _WriterQueue:
             self._path = path
 
     def _forget_file(self):
-        if self._fd is not None:  # a forked child's copy: its lock would be the parent's
+        if self._fd is not None:
             os.close(self._fd)
         self._fd = None
 

@@ -340,6 +340,34 @@ def test_a_forked_process_queues_apart_from_its_parent(sqlite_file):
         child.join(10)
 
 
+def take_the_queue_in_the_child(done):
+    with models._sqlite_writers:
+        done.set()
+
+
+def test_a_process_forked_while_a_thread_writes_can_write_once_it_is_done(sqlite_file):
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        with models._sqlite_writers:
+            holding.set()
+            release.wait(10)
+    start(hold)
+    assert holding.wait(5)
+    fork = multiprocessing.get_context('fork')
+    done = fork.Event()
+    child = fork.Process(target=take_the_queue_in_the_child, args=(done,))
+    child.start()
+    try:
+        assert not done.wait(0.5)  # the parent's thread still writes
+        release.set()
+        assert done.wait(10)  # a lock copied from the parent would never be let go
+    finally:
+        release.set()
+        child.join(10)
+        child.kill()
+
+
 # --- Against real gunicorn ------------------------------------------------------------------
 
 def test_concurrent_patches_of_one_person_lose_no_change(service):
