@@ -403,7 +403,8 @@ def write_transaction():
 
 def write_together(work):
     """Run `work()` in a write transaction and return what it returns, or raise what it
-    raises; on SQLite, in one transaction with the other threads' writes of the moment."""
+    raises; on SQLite, in one transaction with the other threads' writes of the moment.
+    Never call it inside write_transaction(): the writer thread would wait for this one."""
     return _group_commit.write(work)
 
 
