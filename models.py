@@ -8,6 +8,7 @@ master does it before forking.
 import collections
 import contextlib
 import fcntl
+import functools
 import hashlib
 import os
 import queue
@@ -20,6 +21,9 @@ import peewee
 from playhouse import db_url
 
 db = peewee.DatabaseProxy()
+
+# The database's failures, not a request's: the API answers them with 503.
+DATABASE_DOWN = (peewee.OperationalError, peewee.InterfaceError)
 
 MAX_NAME_LENGTH = 100
 MAX_EMAIL_LENGTH = 254  # RFC 5321's limit on a forward path
@@ -135,8 +139,11 @@ class Outbox(BaseModel):
         due = [row_id for (row_id,) in db.execute_sql(due_sql, (cls.PENDING, now, limit))]
         if not due:
             return []
-        with write_transaction():
-            db.execute_sql(_claim_sql(len(due)), (claim, now + lease, *due, cls.PENDING, now))
+        claim_sql = _statement(('claim', len(due)), lambda: cls.update(
+            claim='', due_at=0, attempts=cls.attempts + peewee.SQL('1')).where(
+            cls.id.in_([0] * len(due)), cls.status == cls.PENDING, cls.due_at <= 0))
+        with write_transaction():  # peewee sets the columns in the model's order
+            db.execute_sql(claim_sql, (now + lease, claim, *due, cls.PENDING, now))
         claimed_sql = _statement('claimed_mails', lambda: cls.select(
             cls.id, cls.attempts, cls.created_at, Person.email, Person.first_name,
             Person.last_name).join(Person).where(cls.claim == '').order_by(cls.id))
@@ -324,20 +331,6 @@ def _statement(key, query):
     return sql
 
 
-def _claim_sql(count):
-    """UPDATE outbox SET claim = ?, due_at = ?, attempts = attempts + 1 WHERE id IN (`count`
-    ids) AND status = ? AND due_at <= ?, in the database's quoting and parameter style."""
-    def sql():
-        name = db.quote[0] + '{}' + db.quote[1]
-        claim, due_at, attempts, row_id, status = (
-            name.format(column) for column in ('claim', 'due_at', 'attempts', 'id', 'status'))
-        ids = ', '.join([db.param] * count)
-        return (f'UPDATE {name.format(Outbox._meta.table_name)} SET {claim} = {db.param}, '
-                f'{due_at} = {db.param}, {attempts} = {attempts} + 1 WHERE {row_id} IN ({ids}) '
-                f'AND {status} = {db.param} AND {due_at} <= {db.param}')
-    return _statements.get(('claim', count)) or _statements.setdefault(('claim', count), sql())
-
-
 def find_email_and_version(person_id):
     """The person's (id, email, version), or None."""
     sql = _statement('find_email_and_version', lambda: Person.select(
@@ -352,9 +345,8 @@ def update_person(person_id, fields, versions=None):
     One conditional UPDATE: atomic on every engine, changing only the columns named, with
     no lock held between a read and the write.
     """
-    query = Person.update(**fields, version=Person.version + 1).where(Person.id == person_id)
-    if versions is not None:
-        query = query.where(Person.version.in_(versions))
+    query = _at_versions(Person.update(**fields, version=Person.version + 1), person_id,
+                         versions)
     with write_transaction():
         if versions == [] or not query.execute():
             return None
@@ -362,11 +354,17 @@ def update_person(person_id, fields, versions=None):
 
 
 def delete_person(person_id, versions=None):
-    """Delete the person if it is at one of `versions` (None: at any); True if it was."""
-    query = Person.delete().where(Person.id == person_id)
-    if versions is not None:
-        query = query.where(Person.version.in_(versions))
-    return versions != [] and bool(query.execute())
+    """Delete the person if it is at one of `versions` (None: at any), with every row that
+    names them (their foreign keys cascade); True if it was."""
+    query = _at_versions(Person.delete(), person_id, versions)
+    with write_transaction():
+        return versions != [] and bool(query.execute())
+
+
+def _at_versions(query, person_id, versions):
+    """`query` narrowed to the person `person_id` at one of `versions` (None: at any)."""
+    query = query.where(Person.id == person_id)
+    return query if versions is None else query.where(Person.version.in_(versions))
 
 
 def person_exists(person_id):
@@ -376,14 +374,18 @@ def person_exists(person_id):
 def insert(model, **values):
     """INSERT one row of `model` (defaults fill the columns not given); returns the id the
     database gave it, for a model whose id the database assigns."""
-    # Every column in peewee's order, but an id the database assigns.
-    columns = [field for field in model._meta.sorted_fields
-               if not isinstance(field, peewee.AutoField)]
     row = {column: values[column.name] if column.name in values else _default(column)
-           for column in columns}
+           for column in _inserted_columns(model)}
     sql = _statement(model, lambda: model.insert(row))
     cursor = db.execute_sql(sql, [column.db_value(value) for column, value in row.items()])
     return cursor.fetchone()[0] if db.returning_clause else cursor.lastrowid
+
+
+@functools.cache
+def _inserted_columns(model):
+    """Every column in peewee's order, but an id the database assigns."""
+    return [field for field in model._meta.sorted_fields
+            if not isinstance(field, peewee.AutoField)]
 
 
 def _default(column):
@@ -420,7 +422,6 @@ class _GroupCommit:
     """
 
     MAX_GROUP = 32  # a longer transaction would keep other processes' writers waiting
-    DATABASE_ERRORS = (peewee.OperationalError, peewee.InterfaceError)
 
     def __init__(self):
         self._writes = None  # this process's queue to its writer thread, made on first use
@@ -459,7 +460,7 @@ class _GroupCommit:
         try:
             with write_transaction():
                 results = [write.work() for write in group]
-        except self.DATABASE_ERRORS as error:
+        except DATABASE_DOWN as error:
             for write in group:
                 write.finish(error=error)
         except Exception as error:

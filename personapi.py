@@ -333,10 +333,7 @@ class PersonItem:
 
     def on_delete(self, req, resp, person_id):
         versions = self._if_match(req, person_id)
-        with models.write_transaction():
-            # The person's Idempotency-Key record goes with it (its foreign key cascades).
-            deleted = models.delete_person(person_id, versions)
-        if not deleted:
+        if not models.delete_person(person_id, versions):
             raise _unchanged_or_gone(person_id)
         models.erase_traces()
         resp.status = falcon.HTTP_204
@@ -389,7 +386,7 @@ def create_app(config, courier):
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
-    app.add_error_handler((peewee.OperationalError, peewee.InterfaceError), handle_database_down)
+    app.add_error_handler(models.DATABASE_DOWN, handle_database_down)
     app.add_route('/person', PersonCollection(courier, config.idempotency_ttl))
     app.add_route(PERSON_ROUTE, PersonItem(config.require_if_match))
     app.add_route('/healthz', Health())
