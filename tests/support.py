@@ -16,9 +16,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 from aiosmtpd.controller import Controller
 
 ROOT = Path(__file__).resolve().parent.parent
+# For a test whose subject does not depend on the database: SQLite alone, not every engine.
+one_engine = pytest.mark.parametrize('engine', ['sqlite'], indirect=True)
 
 
 def free_port():

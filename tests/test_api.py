@@ -10,6 +10,7 @@ import pytest
 
 import models
 from models import Outbox, Person
+from support import one_engine
 
 ADA = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
 GRACE = {'first_name': 'Grace', 'last_name': 'Hopper', 'email': 'grace@example.com'}
@@ -144,6 +145,7 @@ def test_names_need_a_visible_character_and_no_bidi_controls(client, name, accep
     assert snapshot()[0] == before[0]
 
 
+@one_engine  # the document, not the database
 @pytest.mark.parametrize('name, accepted', NAMES)
 def test_the_openapi_name_pattern_agrees_with_the_validator(client, name, accepted):
     schema = client.get('/openapi.json').json['components']['schemas']['Name']
@@ -153,6 +155,7 @@ def test_the_openapi_name_pattern_agrees_with_the_validator(client, name, accept
                 and pattern.search(name)) == accepted
 
 
+@one_engine
 @pytest.mark.skipif(not shutil.which('node'), reason='node is not installed: no ECMA engine')
 def test_an_ecma_engine_reads_the_name_pattern_as_the_validator(client):
     pattern = client.get('/openapi.json').json['components']['schemas']['Name']['pattern']

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from config import Config
+from support import ROOT, one_engine
 
-ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_TEXT = (ROOT / 'deploy.yaml').read_text(encoding='utf-8')
 MANIFEST = list(yaml.safe_load_all(MANIFEST_TEXT))
 DOCKERFILE = (ROOT / 'Dockerfile').read_text(encoding='utf-8')
@@ -92,7 +92,7 @@ def test_the_container_port_is_the_images():
     assert container_port(api_container(), 'http') == int(bind[1]) == int(exposed[1])
 
 
-@pytest.mark.parametrize('engine', ['sqlite'], indirect=True)  # the deployment's engine
+@one_engine  # the deployment's engine
 @pytest.mark.parametrize('probe, path', [('readinessProbe', '/readyz'),
                                          ('livenessProbe', '/healthz')])
 def test_probes_ask_the_apps_health_routes(client, probe, path):

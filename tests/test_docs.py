@@ -10,12 +10,13 @@ import sys
 
 import pytest
 
-from support import ROOT, Service, free_port, wait_until
+from support import ROOT, Service, free_port, one_engine, wait_until
 
 README = (ROOT / 'README.md').read_text(encoding='utf-8')
 PERSON_OPERATIONS = ['createPerson', 'getPerson', 'replacePerson', 'patchPerson', 'deletePerson']
 
 
+@one_engine
 def test_the_root_links_to_the_docs_and_the_document(client):
     links = client.get('/').json
     assert links == {'title': 'Person API', 'docs': '/docs', 'openapi': '/openapi.json'}
@@ -29,6 +30,7 @@ def docs_page_references(client):
     return re.findall(r'''(?:src|href)="([^"]*)"|url: '([^']*)\'''', page), page
 
 
+@one_engine
 def test_the_docs_page_loads_nothing_from_another_host(client):
     references, page = docs_page_references(client)
     urls = [url for pair in references for url in pair if url]
@@ -41,6 +43,7 @@ def test_the_docs_page_loads_nothing_from_another_host(client):
         client.get(url, status=200)
 
 
+@one_engine
 def test_swagger_ui_files_are_cached_and_the_api_is_not(client):
     references, _ = docs_page_references(client)
     for url in [src for src, _ in references if src]:
@@ -51,6 +54,7 @@ def test_swagger_ui_files_are_cached_and_the_api_is_not(client):
         assert client.get(path, status=status).headers['Cache-Control'] == 'no-store'
 
 
+@one_engine
 @pytest.mark.parametrize('name', ['index.html', 'swagger-initializer.js', '..%2Fswagger-ui.css',
                                   'swagger-ui.js.map', '%2e%2e', 'LICENSE'])
 def test_only_the_pages_own_files_are_served(client, name):

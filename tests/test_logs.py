@@ -15,7 +15,7 @@ from gunicorn.config import Config as GunicornConfig
 
 import logs
 import personapi
-from support import Service
+from support import Service, one_engine
 
 FORMATS = ['text', 'json']
 SECRET_PERSON = {'first_name': 'Zenobia', 'last_name': 'Quillfeather',
@@ -156,6 +156,7 @@ def raw_get(service, path):
         return connection.makefile('rb').readline()
 
 
+@one_engine  # the paths never reach the database
 @pytest.mark.parametrize('log_format', FORMATS)
 def test_one_request_is_one_access_line_whatever_its_path(service_env, tmp_path, log_format):
     log_path = tmp_path / 'gunicorn.log'

@@ -1,7 +1,6 @@
 """GET /metrics: in-process for what each request counts, against real gunicorn for the sums
 across workers, a killed worker and the outbox's state."""
 
-import concurrent.futures
 import dataclasses
 import os
 import signal
@@ -18,6 +17,7 @@ import personapi
 from docs import ASSETS_PATH
 from support import Service, SmtpSink, free_port, http, wait_until
 from test_deploy_manifest import api_container, container_port, one
+from test_service import in_parallel
 
 ADA = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
 TOKEN = 'metrics-test-token'
@@ -169,21 +169,14 @@ def scrape(service):
 
 def get_many(service, paths):
     """GET each path on a new connection, in parallel: the workers share them out."""
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        return list(pool.map(lambda path: service.request('GET', path), paths))
+    return in_parallel([lambda path=path: service.request('GET', path) for path in paths],
+                       threads=8)
 
 
 def workers_of(service):
     master = service.process.pid
     with open(f'/proc/{master}/task/{master}/children') as children:
         return [int(pid) for pid in children.read().split()]
-
-
-@pytest.fixture
-def service(service_env, tmp_path):
-    running = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
-    yield running
-    running.kill()
 
 
 def test_counts_of_every_worker_add_up_and_survive_a_killed_worker(service):

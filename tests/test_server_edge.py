@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from support import ROOT, Service, wait_until
+from support import ROOT, Service, one_engine, wait_until
 
 
 # The HTTP server behaves the same on every database: one engine is enough.
-pytestmark = pytest.mark.parametrize('engine', ['sqlite'], indirect=True)
+pytestmark = one_engine
 
 PERSON = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
 
@@ -186,34 +186,27 @@ MALFORMED = [
 ]
 
 
-@pytest.fixture
-def logged_service(service_env, tmp_path):
-    service = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
-    yield service
-    service.kill()
-
-
 @pytest.mark.parametrize('payload, expected', [(p, e) for _, p, e in MALFORMED],
                          ids=[name for name, _, _ in MALFORMED])
-def test_malformed_framing_is_a_json_client_error(logged_service, tmp_path, payload, expected):
-    status, headers, body = exchange(logged_service, payload)
+def test_malformed_framing_is_a_json_client_error(service, tmp_path, payload, expected):
+    status, headers, body = exchange(service, payload)
     assert (status, headers['content-type']) == (expected, 'application/json')
     assert body['title'] and body['description']
-    assert logged_service.request('GET', '/person/1')[0] == 404  # nothing was stored
+    assert service.request('GET', '/person/1')[0] == 404  # nothing was stored
     log = (tmp_path / 'gunicorn.log').read_text()
     assert 'Traceback' not in log and '[ERROR]' not in log
 
 
-def test_a_well_framed_chunked_body_is_served(logged_service):
-    status, _, body = exchange(logged_service, post_chunked(
+def test_a_well_framed_chunked_body_is_served(service):
+    status, _, body = exchange(service, post_chunked(
         b'5\r\n' + BODY[:5] + b'\r\n%x\r\n' % (len(BODY) - 5) + BODY[5:] + b'\r\n0\r\n\r\n',
         extra=b'Connection: close\r\n'))
     assert (status, body['email']) == (201, PERSON['email'])
 
 
-def test_pipelined_requests_are_each_answered(logged_service):
+def test_pipelined_requests_are_each_answered(service):
     request = b'GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n'
-    with socket.create_connection(('127.0.0.1', logged_service.port), timeout=10) as sock:
+    with socket.create_connection(('127.0.0.1', service.port), timeout=10) as sock:
         sock.sendall(request * 2 + request.replace(b'Host', b'Connection: close\r\nHost'))
         reply = b''
         while chunk := sock.recv(65536):
@@ -221,23 +214,23 @@ def test_pipelined_requests_are_each_answered(logged_service):
     assert reply.count(b'HTTP/1.1 200 OK\r\n') == 3
 
 
-def test_a_head_over_the_limits_is_refused_before_it_ends(logged_service):
+def test_a_head_over_the_limits_is_refused_before_it_ends(service):
     endless = b'GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: ' + b'a' * 600_000
     started = time.monotonic()
-    status, headers, body = exchange(logged_service, endless)
+    status, headers, body = exchange(service, endless)
     assert (status, headers['content-type']) == (431, 'application/json')
     assert time.monotonic() - started < 5  # HEADER_TIMEOUT is 10 s
 
 
-def test_clients_that_never_close_their_side_hold_nothing(logged_service):
+def test_clients_that_never_close_their_side_hold_nothing(service):
     """After a `Connection: close` answer the server waits for the client to close too;
     clients that never do must not hold the others up."""
-    holders = [socket.create_connection(('127.0.0.1', logged_service.port)) for _ in range(24)]
+    holders = [socket.create_connection(('127.0.0.1', service.port)) for _ in range(24)]
     try:
         for sock in holders:
             sock.sendall(b'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
         time.sleep(0.5)
-        (status, _, _), seconds = timed(lambda: logged_service.request('GET', '/healthz', timeout=30))
+        (status, _, _), seconds = timed(lambda: service.request('GET', '/healthz', timeout=30))
     finally:
         for sock in holders:
             sock.close()
@@ -254,14 +247,10 @@ def listening_sockets(port):
     return {row[9] for row in rows if row[3] == '0A' and int(row[1].split(':')[1], 16) == port}
 
 
-def test_each_worker_listens_on_a_socket_of_its_own(service_env, tmp_path):
+def test_each_worker_listens_on_a_socket_of_its_own(service):
     """So that the kernel shares connections out between them: on one shared socket a
     burst of keep-alive clients could all go to one worker."""
-    service = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
-    try:
-        assert wait_until(lambda: len(listening_sockets(service.port)) == 2)
-    finally:
-        service.kill()
+    assert wait_until(lambda: len(listening_sockets(service.port)) == 2)
 
 
 def gunicorn(service_env, *flags):
