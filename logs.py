@@ -98,11 +98,7 @@ class JsonFormatter(logging.Formatter):
 
 def formatter(log_format, text_format=APP_FORMAT, datefmt=None):
     """The formatter LOG_FORMAT names ('text' or 'json'); text lines use `text_format`."""
-    if log_format == 'json':
-        return JsonFormatter()
-    if log_format == 'text':
-        return TextFormatter(text_format, datefmt)
-    raise ValueError(f'LOG_FORMAT={log_format!r} is neither text nor json')
+    return JsonFormatter() if log_format == 'json' else TextFormatter(text_format, datefmt)
 
 
 def configure(log_format):

@@ -20,7 +20,7 @@ VISIBLE_CATEGORIES = frozenset('LNPS')
 
 
 def is_forbidden(char):
-    return mailer.has_control_characters(char) or char in BIDI_CONTROLS
+    return unicodedata.category(char) in mailer.CONTROL_CATEGORIES or char in BIDI_CONTROLS
 
 
 def is_visible(char):

@@ -32,15 +32,20 @@ from gunicorn.workers.gthread import ThreadWorker
 from config import Config
 
 
-def parser_can_answer(head, line_limit):
+def parser_can_answer(head, line_limit, scanned=0):
     """Whether gunicorn's parser can answer `head` without reading more: it is complete or
-    already wrong (a bare LF, a request line over the limit)."""
-    line_end = head.find(b'\r\n')
-    return (b'\r\n\r\n' in head or head.count(b'\n') != head.count(b'\r\n')
+    already wrong (a bare LF, a request line over the limit). `scanned`: how much of `head`
+    was already found wanting; only the rest is searched, so that a head trickling in byte
+    by byte costs the event loop its length, not its length squared."""
+    line_end = head.find(b'\r\n', 0, line_limit + 3)  # no further: past it is too long
+    return (head.find(b'\r\n\r\n', max(0, scanned - 3)) >= 0
+            or head.count(b'\n', scanned) != head.count(b'\r\n', max(0, scanned - 1))
             or (line_end if line_end >= 0 else len(head) - 2) > line_limit)
 
 
 MAX_CHUNK_SIZE = 2 ** 63 - 1
+# Read once, where gunicorn loads this class (in the master): not again for every worker.
+HEADER_TIMEOUT = Config.from_env().header_timeout
 LINGER_SECONDS, LINGER_MAX_BYTES = 2.0, 65536  # as gunicorn's util.close_graceful
 
 
@@ -75,7 +80,7 @@ class Worker(ThreadWorker):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.header_timeout = Config.from_env().header_timeout
+        self.header_timeout = HEADER_TIMEOUT
         self.waiting = {}  # connection the event loop waits on -> what to do past its deadline
         self.busy = set()  # connections a pool thread is serving
         self.stopping_at_once = False  # Ctrl-C: no waiting on the mail in hand either
@@ -140,6 +145,7 @@ class Worker(ThreadWorker):
     def enqueue_req(self, conn):
         """Read the connection's next head in the event loop; a thread takes it once it is in."""
         conn.head = bytearray(conn.parser.unreader.take_buffered() if conn.parser else b'')
+        conn.head_scanned = 0  # what of conn.head parser_can_answer found wanting
         conn.deadline = time.monotonic() + self.header_timeout
         conn.sock.setblocking(False)
         self.read_head(conn, conn.sock)  # a kept-alive connection has its head here already
@@ -154,7 +160,7 @@ class Worker(ThreadWorker):
         if data and not conn.head:  # the first byte: the head's clock starts now
             conn.deadline = time.monotonic() + self.header_timeout
         conn.head += data or b''
-        if parser_can_answer(conn.head, self.cfg.limit_request_line):
+        if parser_can_answer(conn.head, self.cfg.limit_request_line, conn.head_scanned):
             self.stop_waiting(conn)
             self.busy.add(conn)
             super().enqueue_req(conn)
@@ -165,6 +171,7 @@ class Worker(ThreadWorker):
             self.stop_waiting(conn)
             self.close_gracefully(conn)
         else:
+            conn.head_scanned = len(conn.head)
             self.wait_for(conn, self.read_head, self.head_too_late)
 
     def head_too_late(self, conn):
