@@ -18,6 +18,7 @@ JSON = 'application/json'
 MERGE_PATCH = 'application/merge-patch+json'
 PERSON_FIELDS = ('first_name', 'last_name', 'email')
 MAX_PERSON_ID = 2**63 - 1  # the largest id every engine's 64-bit integer holds
+MAX_IDEMPOTENCY_KEY = 255  # characters, each visible ASCII
 
 
 class OpenAPI:
@@ -165,7 +166,7 @@ def openapi_document():
         'parameters': [header(
             'Idempotency-Key', 'Makes a retry safe: a repeat with the same key and body within '
             'IDEMPOTENCY_TTL gets the first 201 again, and creates nothing; with another body, '
-            '422.', minLength=1, maxLength=255, pattern='^[!-~]+$')],
+            '422.', minLength=1, maxLength=MAX_IDEMPOTENCY_KEY, pattern='^[!-~]+$')],
         'requestBody': body('#/components/schemas/PersonCreate', JSON),
         'responses': {'201': ok('Created, or the replay of a request with the same '
                                 'Idempotency-Key', '#/components/schemas/Person', headers={

@@ -20,8 +20,8 @@ import metrics
 import models
 import names
 from config import Config, parse_networks, rate_limiting_enabled
-from docs import (ASSETS_PATH, JSON, MAX_PERSON_ID, MERGE_PATCH, PERSON_FIELDS, DocsAsset,
-                  DocsPage, Index, OpenAPI, openapi_document)
+from docs import (ASSETS_PATH, JSON, MAX_IDEMPOTENCY_KEY, MAX_PERSON_ID, MERGE_PATCH,
+                  PERSON_FIELDS, DocsAsset, DocsPage, Index, OpenAPI, openapi_document)
 from edge import (BearerToken, BodyTimeout, ConnectionPerRequest, RateLimit, RequestId,
                   SecurityHeaders, handle_database_down, handle_unexpected, serialize_error)
 from models import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, IdempotencyKey, Person, db
@@ -31,6 +31,8 @@ PERSON_ROUTE = '/person/{person_id:person_id}'
 # What resp.media writes, as Falcon's JSON handler does, but with the encoder made once:
 # json.dumps() makes a new one for every call given options.
 encode_json = json.JSONEncoder(ensure_ascii=False).encode
+# A body as the Idempotency-Key fingerprint reads it: keys sorted, ASCII (\ud800 too).
+encode_canonical_json = json.JSONEncoder(sort_keys=True, separators=(',', ':')).encode
 
 
 # --- Routing --------------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def _not_found(person_id):
 
 # --- Conditional requests (RFC 9110) and Idempotency-Key ------------------------------------
 
-IDEMPOTENCY_KEY = re.compile(r'[\x21-\x7e]{1,255}\Z')  # visible ASCII
+IDEMPOTENCY_KEY = re.compile(rf'[\x21-\x7e]{{1,{MAX_IDEMPOTENCY_KEY}}}\Z')  # visible ASCII
 VERSION = re.compile(r'[0-9]{1,18}\Z')  # more digits could overflow a database integer
 
 
@@ -238,9 +240,9 @@ def read_idempotency_key(req, body):
     if key is None:
         return None
     if not IDEMPOTENCY_KEY.match(key):
-        raise falcon.HTTPInvalidHeader('It must be 1 to 255 visible ASCII characters.',
-                                       'Idempotency-Key')
-    canonical = json.dumps(body, sort_keys=True, separators=(',', ':'))  # ASCII: \ud800 too
+        raise falcon.HTTPInvalidHeader(
+            f'It must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters.', 'Idempotency-Key')
+    canonical = encode_canonical_json(body)
     return models.digest(key), models.digest(canonical)
 
 
