@@ -125,9 +125,10 @@ subjects=$WORK/subjects.txt
 python deploy/smtp_sink.py "$smtp_port" "$subjects" 600 &
 sink_pid=$!
 podman volume create personapi-check-data >/dev/null
+# What the manifest's securityContext asks for, as podman flags.
+LOCKED_DOWN=(--read-only --tmpfs /tmp --user 10001 --cap-drop ALL --security-opt no-new-privileges)
 run_app() {  # run_app NAME: the image on the volume, host network, bound to loopback
-  timeout 60 podman run --detach --name "$1" --network host \
-    --read-only --tmpfs /tmp --user 10001 --cap-drop ALL --security-opt no-new-privileges \
+  timeout 60 podman run --detach --name "$1" --network host "${LOCKED_DOWN[@]}" \
     --volume personapi-check-data:/data \
     --env GUNICORN_CMD_ARGS="--bind 127.0.0.1:$app_port" \
     --env SMTP_HOST=127.0.0.1 --env SMTP_PORT="$smtp_port" \
@@ -164,8 +165,7 @@ podman volume create personapi-check-rootowned >/dev/null
 timeout 60 podman run --rm --network none --user 0 --volume personapi-check-rootowned:/data \
   --entrypoint /bin/sh "$IMAGE" -c 'chown 0:0 /data && chmod 0755 /data'
 status=0
-timeout 60 podman run --name personapi-check-rootowned --network none \
-  --read-only --tmpfs /tmp --user 10001 --cap-drop ALL --security-opt no-new-privileges \
+timeout 60 podman run --name personapi-check-rootowned --network none "${LOCKED_DOWN[@]}" \
   --volume personapi-check-rootowned:/data "$IMAGE" >"$WORK/rootowned.log" 2>&1 || status=$?
 cat "$WORK/rootowned.log"
 ((status == 1)) || fail "on a root-owned volume the container exited with $status, not 1"
