@@ -348,6 +348,21 @@ def ratio_text(result, name):
     return f'{statistics.mean(ratios):.2f}' if ratios else ''
 
 
+def instruction_counts(template):
+    """The app's own cost of a GET, counted in instructions (bench/instructions.py): the
+    same at every run, where req/s moves with the machine's load."""
+    title = '### Instructions per GET /person/{id}, in-process (callgrind)'
+    if template is None:
+        return []
+    if not shutil.which('valgrind'):
+        return [title, '', 'Not counted: valgrind is not installed.']
+    from bench import instructions
+
+    counts = instructions.measure(template, SEED_PERSONS)
+    return [title, '', '| app | instructions per GET | against the bare ceiling |',
+            '|---|---:|---:|', *instructions.report(counts)]
+
+
 def headline(results):
     """The apps by scenario, req/s, each compared with its scenario's baseline."""
     apps = list(dict.fromkeys(app for result in results for app in result.scenario.apps))
@@ -609,7 +624,8 @@ def main(argv):
         controller.stop()
     kind = 'quick run, not a measurement' if args.quick else f'{args.rounds} rounds'
     report = ['## Latest run', '', *environment(args), '', *headline(results), '',
-              '### Every figure', '', *table(results), '', '### Targets', '', *targets(results)]
+              '### Every figure', '', *table(results), '', '### Targets', '', *targets(results),
+              '', *instruction_counts(templates.get(SEED_PERSONS))]
     print('\n' + '\n'.join(report))
     chart = WORK / 'results.png' if args.no_results else CHART
     draw(results, chart, f'{datetime.date.today()}, {kind}')

@@ -1,14 +1,17 @@
 """The benchmark's ceilings: the service's gunicorn settings, and a mail ceiling whose mail is real."""
 
 import os
+import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from gunicorn.app.base import Application
 from gunicorn.config import KNOWN_SETTINGS
 
-from bench import run
+from bench import instructions, run
 from support import SmtpSink, http
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,3 +79,26 @@ def test_the_mail_ceiling_sends_one_valid_mail_per_person_and_deletes_its_row(ma
         assert message.get_content().startswith(f'Hello {first} {last},')
     with sqlite3.connect(database) as connection:
         assert connection.execute('SELECT count(*) FROM outbox').fetchone() == (0,)
+
+
+@pytest.fixture(scope='module')
+def seeded(tmp_path_factory):
+    database = tmp_path_factory.mktemp('instructions') / 'persons.db'
+    run.seed(database, 20)
+    return database
+
+
+@pytest.mark.parametrize('app_spec', instructions.APPS.values())
+def test_each_counted_app_answers_every_get_it_is_counted_on(seeded, app_spec):
+    answered = subprocess.run(
+        [sys.executable, 'bench/instructions.py', '--answer', app_spec, '50', '20'], cwd=ROOT,
+        env={**os.environ, 'PYTHONPATH': str(ROOT), 'DATABASE_URL': f'sqlite:///{seeded}'},
+        capture_output=True, text=True)
+    assert answered.returncode == 0, answered.stderr[-2000:]
+
+
+@pytest.mark.skipif(not shutil.which('valgrind'), reason='valgrind is not installed')
+def test_instructions_are_counted_per_request_and_the_service_costs_more(seeded):
+    counts = instructions.measure(seeded, 20, few=10, many=40)
+    assert 0 < counts['bare ceiling'] < counts['personapi']
+    assert instructions.report(counts)[0].endswith('| 1.00× |')
