@@ -1,5 +1,5 @@
 """The HTTP edge: middleware every request crosses before and after its resource (request
-ids, security headers, body timeout, bearer token, rate limit, connection hand-back), and
+ids, security headers, bearer token, rate limit, connection hand-back), and
 the JSON error serializer and handlers that turn every failure into the same error body.
 """
 
@@ -28,7 +28,6 @@ log = logging.getLogger('personapi')
 JSON = 'application/json'
 REQUEST_ID = re.compile(r'[A-Za-z0-9._:-]{1,128}\Z')
 WRITE_METHODS = frozenset({'POST', 'PUT', 'PATCH', 'DELETE'})
-BODY_METHODS = frozenset({'POST', 'PUT', 'PATCH'})
 # Never behind the token: the probes, the documentation with Swagger UI's files under /docs/,
 # and metrics (counts, no personal data).
 OPEN_PATHS = frozenset({'/', '/healthz', '/readyz', '/openapi.json', '/docs', '/metrics'})
@@ -74,26 +73,6 @@ class SecurityHeaders:
         resp.set_header('X-Content-Type-Options', 'nosniff')
         if not (req_succeeded and resp.get_header('Cache-Control')):
             resp.set_header('Cache-Control', 'no-store')
-
-
-class BodyTimeout:
-    """Cut off a client that stalls while sending a body: gunicorn's threads would wait forever."""
-
-    def __init__(self, seconds):
-        self._seconds = seconds
-
-    def process_request(self, req, resp):
-        self._set(req, self._seconds)
-
-    def process_response(self, req, resp, resource, req_succeeded):
-        self._set(req, None)
-
-    @staticmethod
-    def _set(req, seconds):
-        if req.method in BODY_METHODS:
-            client = req.env.get('gunicorn.socket')
-            if client is not None:
-                client.settimeout(seconds)
 
 
 class BearerToken:
