@@ -17,11 +17,7 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PIP) -r requirements-dev.txt
 	touch $@
 
-# gunicorn would retry a busy port five times and give no hint: say it at once.
 run: $(BIN)/.installed  ## serve the API on 127.0.0.1:8000 (another port: PORT=8001; SQLite in data/)
-	@$(BIN)/python -c 'import socket, sys; s = socket.socket(); \
-		s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(("127.0.0.1", int(sys.argv[1])))' \
-		$(PORT) 2>/dev/null || { echo "Port $(PORT) is in use. Serve on another: make run PORT=$$(($(PORT) + 1))"; exit 1; }
 	$(BIN)/gunicorn --bind 127.0.0.1:$(PORT) personapi:app
 
 test: $(BIN)/.installed  ## the whole test suite
