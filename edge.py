@@ -62,7 +62,8 @@ def _new_request_id_prefix():
 
 
 _new_request_id_prefix()
-os.register_at_fork(after_in_child=_new_request_id_prefix)  # a worker must not repeat its parent's ids
+# A worker must not repeat its parent's ids.
+os.register_at_fork(after_in_child=_new_request_id_prefix)
 
 
 class SecurityHeaders:
