@@ -41,9 +41,13 @@ def answer_gets(app_spec, requests, persons):
     module, name = app_spec.split(':')
     app = getattr(importlib.import_module(module), name)
     statuses = []
+
+    def start_response(status, headers):
+        statuses.append(status)
+
     for number in range(requests):
-        for _ in app(get_environ(1 + number % persons), lambda status, headers: statuses.append(status)):
-            pass
+        for _ in app(get_environ(1 + number % persons), start_response):
+            pass  # the whole body, as a server would iterate it
     return statuses
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from aiosmtpd.controller import Controller
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the service's modules and this package, from any folder
 BENCH = ROOT / 'bench'
 WORK = BENCH / 'work'
 RESULTS = BENCH / 'RESULTS.md'
@@ -110,7 +111,6 @@ def scenarios(large):
 def seed(path, persons):
     """A database with the service's schema and `persons` rows, in one bulk transaction."""
     path.unlink(missing_ok=True)
-    sys.path.insert(0, str(ROOT))
     import models
 
     models.connect(f'sqlite:///{path}')
