@@ -7,8 +7,10 @@ import signal
 import time
 import urllib.request
 
+import prometheus_client
 import pytest
 import webtest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 import metrics
@@ -236,3 +238,36 @@ def test_counts_do_not_pile_up_where_nothing_flushes_them(client, monkeypatch):
         client.get('/healthz')
         assert len(metrics._unrecorded) <= 5
     assert requests_total(client.get('/metrics').text, route='/healthz') - before == 20
+
+
+def test_a_flush_counts_exactly_as_observing_each_request_would(monkeypatch):
+    # On a bucket's bound, between bounds, under the first and past the last, in two series.
+    durations = [0.0, 0.0001, 0.001, 0.0010001, 0.25, 0.3, 0.3, 10.0, 11.0, 250.0]
+    keys = [('GET', '/person/{person_id}', 200), ('POST', '/person', 201)]
+    metrics.flush()  # earlier requests, to the real series
+    flushed, expected = CollectorRegistry(), CollectorRegistry()
+    monkeypatch.setattr(metrics, 'HTTP_REQUESTS', Counter(
+        'requests', 'r', ['method', 'route', 'status'], registry=flushed))
+    monkeypatch.setattr(metrics, 'HTTP_REQUEST_DURATION', metrics.Histogram(
+        'duration', 'd', ['method', 'route'], buckets=metrics.DURATION_BUCKETS, registry=flushed))
+    monkeypatch.setattr(metrics, '_series', {})
+    requests = Counter('requests', 'r', ['method', 'route', 'status'], registry=expected)
+    duration = prometheus_client.Histogram('duration', 'd', ['method', 'route'],
+                                           buckets=metrics.DURATION_BUCKETS, registry=expected)
+    for index, seconds in enumerate(durations):
+        key = keys[index % 2]
+        metrics._unrecorded.append((key, seconds))
+        requests.labels(*key).inc()
+        duration.labels(*key[:2]).observe(seconds)
+    metrics.flush()
+    assert not metrics._unrecorded
+    assert samples(flushed) == samples(expected)
+    assert samples(flushed)[('duration_count', (('method', 'GET'),
+                                                 ('route', '/person/{person_id}')))] == 5
+
+
+def samples(registry):
+    """{(name, labels): value} of what a scrape shows, but for the creation times."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for sample in family.samples if not sample.name.endswith('_created')}
