@@ -9,6 +9,7 @@ import urllib.parse
 import pytest
 
 import models
+import personapi
 from models import Outbox, Person
 from support import one_engine
 
@@ -47,6 +48,24 @@ def test_post_accepts_the_collection_path_with_a_trailing_slash(client):
 def test_get_returns_only_id_and_email(client):
     person_id = post(client, ADA).json['id']
     assert client.get(f'/person/{person_id}').json == {'id': person_id, 'email': ADA['email']}
+
+
+@pytest.mark.parametrize('email', ['o\'brien+tag@example.com', 'ñoño@example.com',
+                                   'δοκιμή@παράδειγμα.δοκιμή', '用户@例子.广告'])
+def test_get_sends_the_json_the_encoder_would(client, email):
+    person_id = post(client, {**ADA, 'email': email}).json['id']
+    stored = Person.get_by_id(person_id).email
+    response = client.get(f'/person/{person_id}')
+    assert response.content_type == 'application/json'
+    assert response.body == json.dumps({'id': person_id, 'email': stored},
+                                       ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize('text', ['', 'plain', 'quote " backslash \\ slash /', 'line\nbreak\ttab',
+                                  '\x00\x1f\x7f', '\u2028\u2029', 'ünï 用户 🙂', '\ud800'])
+def test_the_get_document_escapes_as_the_json_encoder_does(text):
+    assert personapi.summary_json(7, text) == personapi.encode_json({'id': 7, 'email': text})
+    assert json.loads(personapi.summary_json(7, text)) == {'id': 7, 'email': text}
 
 
 def test_put_replaces_every_field(client):
