@@ -38,6 +38,13 @@ def requests_total(text, **labels):
     return value(text, 'personapi_http_requests_total', **labels)
 
 
+def samples(registry):
+    """{(name, labels): value} of what a scrape shows, but for the creation times."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(generate_latest(registry).decode())
+            for sample in family.samples if not sample.name.endswith('_created')}
+
+
 def app_with(config, courier, **changes):
     return webtest.TestApp(personapi.create_app(dataclasses.replace(config, **changes), courier))
 
@@ -264,10 +271,3 @@ def test_a_flush_counts_exactly_as_observing_each_request_would(monkeypatch):
     assert samples(flushed) == samples(expected)
     assert samples(flushed)[('duration_count', (('method', 'GET'),
                                                  ('route', '/person/{person_id}')))] == 5
-
-
-def samples(registry):
-    """{(name, labels): value} of what a scrape shows, but for the creation times."""
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(generate_latest(registry).decode())
-            for sample in family.samples if not sample.name.endswith('_created')}
