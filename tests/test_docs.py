@@ -1,5 +1,6 @@
 """What a newcomer reads: the links at /, Swagger UI at /docs (served by the service itself,
-rendered in a real headless browser), and the README's examples run against a live service."""
+rendered in a real headless browser), and the examples of the README and of the pages under
+docs/ run against a live service."""
 
 import os
 import re
@@ -12,7 +13,9 @@ import pytest
 
 from support import ROOT, Service, free_port, one_engine, wait_until
 
-README = (ROOT / 'README.md').read_text(encoding='utf-8')
+README = ROOT / 'README.md'
+# The README first, then every page under docs/: each page's examples run on a fresh service.
+PAGES = [README, *sorted((ROOT / 'docs').glob('*.md'))]
 PERSON_OPERATIONS = ['createPerson', 'getPerson', 'replacePerson', 'patchPerson', 'deletePerson']
 
 
@@ -90,7 +93,7 @@ def test_a_headless_browser_renders_every_person_operation(live, tmp_path):
         assert operation in result.stdout, result.stderr[-2000:]
 
 
-# --- The README's examples ------------------------------------------------------------------
+# --- The examples of the README and docs/ -------------------------------------------------
 
 # What differs from run to run, masked alike in the README and in the real output.
 VARYING = [(re.compile(r'\b[0-9a-f]{12}-\d+\b'), '<request id>'),
@@ -98,14 +101,15 @@ VARYING = [(re.compile(r'\b[0-9a-f]{12}-\d+\b'), '<request id>'),
 ELIDED = '…'  # a line that stands for headers left out of a `curl -i` output
 
 
-def readme_blocks():
-    return re.findall(r'^```\n(.*?)^```$', README, re.MULTILINE | re.DOTALL)
+def blocks(page):
+    text = page.read_text(encoding='utf-8')
+    return re.findall(r'^```\n(.*?)^```$', text, re.MULTILINE | re.DOTALL)
 
 
-def readme_examples():
-    """(command, output) for each `$ curl` in README.md's code blocks, in order."""
+def curl_examples(page):
+    """(command, output) for each `$ curl` in the page's code blocks, in order."""
     examples = []
-    for block in readme_blocks():
+    for block in blocks(page):
         for chunk in re.split(r'^\$ ', block, flags=re.MULTILINE)[1:]:
             lines = chunk.rstrip('\n').split('\n')
             command = lines.pop(0)
@@ -136,19 +140,21 @@ def assert_same_output(expected, actual, command):
 
 
 def test_the_readme_shows_curl_examples():
-    commands = [command for command, _ in readme_examples()]
+    commands = [command for command, _ in curl_examples(README)]
     assert len(commands) >= 10 and all(command.startswith('curl ') for command in commands)
 
 
-def test_the_readmes_curl_examples_print_what_the_readme_shows(live):
-    for command, expected in readme_examples():
+@pytest.mark.parametrize('page', [page for page in PAGES if curl_examples(page)],
+                         ids=lambda page: page.name)
+def test_the_curl_examples_print_what_the_page_shows(live, page):
+    for command, expected in curl_examples(page):
         result = subprocess.run(['bash', '-c', command.replace('localhost:8000', live.url)],
                                 capture_output=True, text=True, timeout=30)
         assert_same_output(expected, result.stdout, command)
 
 
 def test_the_readmes_mail_is_what_make_mailsink_prints(tmp_path):
-    (expected,) = [block for block in readme_blocks() if 'MESSAGE FOLLOWS' in block]
+    (expected,) = [block for block in blocks(README) if 'MESSAGE FOLLOWS' in block]
     port, printed = free_port(), tmp_path / 'mailsink.txt'
     with open(printed, 'w') as output:  # the command `make mailsink` runs
         sink = subprocess.Popen([sys.executable, '-u', '-m', 'aiosmtpd', '-n', '-l',
@@ -158,7 +164,7 @@ def test_the_readmes_mail_is_what_make_mailsink_prints(tmp_path):
     try:
         assert wait_until(lambda: port_open(port))
         service.start()
-        (command, _), *_ = readme_examples()
+        (command, _), *_ = curl_examples(README)
         subprocess.run(['bash', '-c', command.replace('localhost:8000', service.url)],
                        capture_output=True, check=True, timeout=30)
         assert wait_until(lambda: 'END MESSAGE' in printed.read_text(), timeout=20)
