@@ -19,6 +19,7 @@ import mailer
 import metrics
 import models
 import names
+import outbox
 from config import Config, parse_networks, rate_limiting_enabled
 from docs import (ASSETS_PATH, JSON, MAX_IDEMPOTENCY_KEY, MAX_PERSON_ID, MERGE_PATCH,
                   PERSON_FIELDS, DocsAsset, DocsPage, Index, OpenAPI, openapi_document)
@@ -417,7 +418,7 @@ def create_app(config, courier):
     app.add_route('/docs', DocsPage())
     app.add_route(ASSETS_PATH + '/{name}', DocsAsset())
     if config.metrics:
-        app.add_route('/metrics', metrics.Metrics(mailer.queue_status))
+        app.add_route('/metrics', metrics.Metrics(outbox.queue_status))
     return app
 
 
