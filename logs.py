@@ -188,6 +188,6 @@ def _wsgi_text(text):
 
 def _response_header(resp, name):
     for key, value in resp.headers:
-        if key.lower() == name:
+        if len(key) == len(name) and key.lower() == name:
             return value
     return None
