@@ -5,6 +5,7 @@ Command-line flags and GUNICORN_CMD_ARGS override any of these.
 
 import multiprocessing
 import os
+import resource
 import shutil
 import socket
 import sys
@@ -36,6 +37,26 @@ workers = app_config.web_concurrency or multiprocessing.cpu_count()
 worker_class = 'worker.Worker'
 threads = 8
 keepalive = 5
+
+
+def _connections_per_worker(files_of_its_own=128):
+    """Each connection a worker holds is a file descriptor, so a worker holds as many as
+    the process may open, less a margin for its own files (database, logs, pipes, the
+    mail relay). The soft limit is raised to the hard one first, as Go's runtime does at
+    start: the soft limit stays low only for programs that use select(), which nothing
+    here does (gunicorn's workers use epoll). A full worker closes its longest-idle
+    connection for a new one (worker.py)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an unlimited hard limit is more than the kernel allows
+            pass
+    return max(threads, soft - files_of_its_own)
+
+
+worker_connections = _connections_per_worker()
 timeout = 30
 graceful_timeout = 20
 

@@ -4,7 +4,10 @@ gunicorn's gthread worker, changed where clients could hold it.
 - Request heads are read by the worker's event loop, not by a pool thread: a thread takes
   a connection only once its head is complete (or already wrong), so clients trickling
   their headers hold no thread. A head must be complete HEADER_TIMEOUT seconds after its
-  first byte, and a first byte must come within HEADER_TIMEOUT of connecting.
+  first byte, and a first byte must come within HEADER_TIMEOUT of connecting (within
+  the keep-alive time after an answer).
+- A full worker closes its longest-idle connection (one that has sent nothing of its next
+  request) to take a new one: idle connections do not lock new clients out.
 - Closing a connection waits in the event loop for the client's side to close, where
   gunicorn blocks its loop up to 2 s on each client that keeps its side open.
 - Body framing: a transfer coding other than chunked is 501 (gunicorn would pass a gzip
@@ -17,7 +20,9 @@ gunicorn's gthread worker, changed where clients could hold it.
 Plain HTTP/1.1 only: TLS ends in front of the service.
 """
 
+import collections
 import json
+import math
 import selectors
 import socket
 import sys
@@ -27,7 +32,7 @@ from functools import partial
 from gunicorn import util
 from gunicorn.http.body import ChunkedReader
 from gunicorn.http.errors import InvalidChunkSize, LimitRequestHeaders, UnsupportedTransferCoding
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
 
 from config import Config
 
@@ -37,9 +42,10 @@ def parser_can_answer(head, line_limit, scanned=0):
     already wrong (a bare LF, a request line over the limit). `scanned`: how much of `head`
     was already found wanting; only the rest is searched, so that a head trickling in byte
     by byte costs the event loop its length, not its length squared."""
+    if head.find(b'\r\n\r\n', max(0, scanned - 3)) >= 0:
+        return True
     line_end = head.find(b'\r\n', 0, line_limit + 3)  # no further: past it is too long
-    return (head.find(b'\r\n\r\n', max(0, scanned - 3)) >= 0
-            or head.count(b'\n', scanned) != head.count(b'\r\n', max(0, scanned - 1))
+    return (head.count(b'\n', scanned) != head.count(b'\r\n', max(0, scanned - 1))
             or (line_end if line_end >= 0 else len(head) - 2) > line_limit)
 
 
@@ -47,6 +53,7 @@ MAX_CHUNK_SIZE = 2 ** 63 - 1
 # Read once, where gunicorn loads this class (in the master): not again for every worker.
 HEADER_TIMEOUT = Config.from_env().header_timeout
 LINGER_SECONDS, LINGER_MAX_BYTES = 2.0, 65536  # as gunicorn's util.close_graceful
+EVICTIONS_LOG_SECONDS = 60.0  # at most a line a minute on closing idle connections
 
 
 class SizedChunkedReader(ChunkedReader):
@@ -82,6 +89,14 @@ class Worker(ThreadWorker):
         super().__init__(*args, **kwargs)
         self.header_timeout = HEADER_TIMEOUT
         self.waiting = {}  # connection the event loop waits on -> what to do past its deadline
+        # Deadlines by how long they are from when set: connections in the order they are due.
+        # OrderedDicts: a dict whose first entries are deleted over and over is slow to
+        # iterate from its start until it is resized.
+        self.timers = collections.defaultdict(collections.OrderedDict)
+        # Connections that have sent nothing of their next request, longest idle first
+        self.idle = collections.OrderedDict()
+        self.next_deadline = math.inf  # no sooner than the first of the timers'
+        self.evicted, self.evictions_logged_at = 0, -EVICTIONS_LOG_SECONDS
         self.busy = set()  # connections a pool thread is serving
         self.stopping_at_once = False  # Ctrl-C: no waiting on the mail in hand either
         cfg = self.cfg
@@ -112,28 +127,82 @@ class Worker(ThreadWorker):
 
     # --- Waiting on clients in the event loop --------------------------------------------
 
-    def wait_for(self, conn, on_readable, on_late):
+    def wait_for(self, conn, on_readable, on_late, seconds):
         """Have the event loop call on_readable(conn, sock) when the client sends, and
-        on_late(conn) once conn.deadline passes."""
+        on_late(conn) if `seconds` pass first."""
         if conn not in self.waiting:
             self.poller.register(conn.sock, selectors.EVENT_READ, partial(on_readable, conn))
         self.waiting[conn] = on_late
+        self.set_timer(conn, seconds)
+
+    def set_timer(self, conn, seconds):
+        """conn.deadline `seconds` from now. Each timer's connections are kept in the order
+        they are due (the same delay, set in turn): only each one's first can be due."""
+        if conn.timer is not None:
+            del conn.timer[conn]
+        conn.deadline = time.monotonic() + seconds
+        conn.timer = self.timers[seconds]
+        conn.timer[conn] = None
+        if conn.deadline < self.next_deadline:
+            self.next_deadline = conn.deadline
 
     def stop_waiting(self, conn):
+        self.idle.pop(conn, None)
+        if conn.timer is not None:
+            del conn.timer[conn]
+            conn.timer = None
         if self.waiting.pop(conn, None):
             self.poller.unregister(conn.sock)
 
     def wait_for_and_dispatch_events(self, timeout):
-        if self.waiting:
-            first_deadline = min(conn.deadline for conn in self.waiting)
-            timeout = max(0.0, min(timeout, first_deadline - time.monotonic()))
-        super().wait_for_and_dispatch_events(timeout)
+        if self.nr_conns >= self.worker_connections:
+            self.make_room()
         now = time.monotonic()
-        for conn, on_late in list(self.waiting.items()):
-            # A stopping worker waits for no connection that has sent nothing yet (a closing
-            # one has sent a head).
-            if now >= conn.deadline or (not self.alive and not conn.head):
+        super().wait_for_and_dispatch_events(max(0.0, min(timeout, self.next_deadline - now)))
+        now = time.monotonic()
+        if now >= self.next_deadline:
+            self.call_the_late(now)
+        if not self.alive:
+            # A stopping worker waits for no connection that has sent nothing since it
+            # connected (a closing one has sent a head); a kept-alive one a moment more.
+            for conn in list(self.idle):
+                if not conn.served:
+                    self.drop(conn)
+                elif conn.deadline > now + STOP_KEEPALIVE_LINGER:
+                    self.set_timer(conn, STOP_KEEPALIVE_LINGER)
+
+    def call_the_late(self, now):
+        """on_late(conn) for each connection past its deadline; the next deadline."""
+        self.next_deadline = math.inf
+        for timer in list(self.timers.values()):
+            while timer:
+                conn = next(iter(timer))
+                if conn.deadline > now:
+                    self.next_deadline = min(self.next_deadline, conn.deadline)
+                    break
+                on_late = self.waiting[conn]
+                self.stop_waiting(conn)
                 on_late(conn)
+
+    def make_room(self):
+        """A full worker closes its longest-idle connection, so that the one waiting to be
+        accepted (if any) is: gthread would stop accepting until a connection closes."""
+        if not self.idle or not self.alive:
+            return
+        self.drop(next(iter(self.idle)))
+        self.set_accept_enabled(True)
+        self.evicted += 1
+        now = time.monotonic()
+        if now - self.evictions_logged_at >= EVICTIONS_LOG_SECONDS:
+            self.log.warning('Closed %d idle connection(s) to take new ones: this worker holds '
+                             '%d at most (worker_connections)', self.evicted,
+                             self.worker_connections)
+            self.evicted, self.evictions_logged_at = 0, now
+
+    def accept(self, listener):
+        super().accept(listener)
+        if self.nr_conns >= self.worker_connections:
+            self.make_room()
 
     def drop(self, conn):
         self.stop_waiting(conn)
@@ -143,12 +212,17 @@ class Worker(ThreadWorker):
     # --- Request heads ---------------------------------------------------------------------
 
     def enqueue_req(self, conn):
-        """Read the connection's next head in the event loop; a thread takes it once it is in."""
-        conn.head = bytearray(conn.parser.unreader.take_buffered() if conn.parser else b'')
-        conn.head_scanned = 0  # what of conn.head parser_can_answer found wanting
-        conn.deadline = time.monotonic() + self.header_timeout
-        conn.sock.setblocking(False)
-        self.read_head(conn, conn.sock)  # a kept-alive connection has its head here already
+        """Read a new connection's first head in the event loop; a thread takes it once it
+        is in."""
+        conn.served, conn.timer = False, None
+        self.await_head(conn, self.header_timeout)
+
+    def await_head(self, conn, idle_timeout):
+        """Wait for the connection's next head; until its first byte, the connection is
+        idle and may be closed after `idle_timeout`."""
+        conn.head, conn.head_scanned = b'', 0  # what of conn.head parser_can_answer found wanting
+        self.idle[conn] = None
+        self.wait_for(conn, self.read_head, self.head_too_late, idle_timeout)
 
     def read_head(self, conn, sock):
         try:
@@ -157,9 +231,14 @@ class Worker(ThreadWorker):
             data = None  # nothing new yet
         except OSError:
             data = b''
-        if data and not conn.head:  # the first byte: the head's clock starts now
-            conn.deadline = time.monotonic() + self.header_timeout
-        conn.head += data or b''
+        first = data and not conn.head
+        if first:
+            self.idle.pop(conn, None)
+            conn.head = data  # no copy: most heads come in one piece
+        elif data:
+            if not isinstance(conn.head, bytearray):
+                conn.head = bytearray(conn.head)  # a trickle grows in place, not by copies
+            conn.head += data
         if parser_can_answer(conn.head, self.cfg.limit_request_line, conn.head_scanned):
             self.stop_waiting(conn)
             self.busy.add(conn)
@@ -172,7 +251,8 @@ class Worker(ThreadWorker):
             self.close_gracefully(conn)
         else:
             conn.head_scanned = len(conn.head)
-            self.wait_for(conn, self.read_head, self.head_too_late)
+            if first or conn not in self.waiting:  # the first byte: the head's clock starts
+                self.wait_for(conn, self.read_head, self.head_too_late, self.header_timeout)
 
     def head_too_late(self, conn):
         if conn.head:
@@ -183,16 +263,29 @@ class Worker(ThreadWorker):
     def handle(self, conn):
         """Runs on a pool thread: serve the request whose head the event loop read."""
         conn.data_ready = True  # gunicorn need not wait for a first byte: the head is here
-        conn.init()
-        conn.parser.unreader.unread(bytes(conn.head))
+        if not conn.initialized:
+            conn.init()
+        conn.parser.unreader.unread(conn.head)
         return super().handle(conn)
 
     def finish_request(self, conn, fs):
         self.busy.discard(conn)
-        if fs.cancelled() or fs.exception() is not None or fs.result():
-            super().finish_request(conn, fs)  # kept alive, or closed at once after a failure
-        else:
+        conn.served = True
+        try:
+            keep_alive = not fs.cancelled() and fs.result()
+        except Exception:
+            keep_alive = None
+        if keep_alive is True:
+            conn.sock.setblocking(False)
+            if conn.parser.unreader.buf.getvalue():  # a body's read took some of the next head
+                conn.head, conn.head_scanned = conn.parser.unreader.take_buffered(), 0
+                self.read_head(conn, conn.sock)
+            else:
+                self.await_head(conn, self.cfg.keepalive)
+        elif keep_alive is False:
             self.close_gracefully(conn)
+        else:
+            super().finish_request(conn, fs)  # closed at once after a failure
 
     # --- Closing ---------------------------------------------------------------------------
 
@@ -206,10 +299,9 @@ class Worker(ThreadWorker):
         except OSError:
             self.drop(conn)
             return
-        conn.deadline = time.monotonic() + LINGER_SECONDS
         conn.drained = 0
         conn.sock.setblocking(False)
-        self.wait_for(conn, self.drain, self.drop)
+        self.wait_for(conn, self.drain, self.drop, LINGER_SECONDS)
 
     def drain(self, conn, sock):
         try:
@@ -225,11 +317,12 @@ class Worker(ThreadWorker):
     # --- Framing ---------------------------------------------------------------------------
 
     def handle_request(self, req, conn):
-        codings = [coding.strip().lower() for name, value in req.headers
-                   if name == 'TRANSFER-ENCODING' for coding in value.split(',')]
-        if codings and codings != ['chunked']:
-            raise UnsupportedTransferCoding(', '.join(codings))
+        # gunicorn refuses a Transfer-Encoding that does not end with chunked itself
         if isinstance(req.body.reader, ChunkedReader):
+            codings = [coding.strip().lower() for name, value in req.headers
+                       if name == 'TRANSFER-ENCODING' for coding in value.split(',')]
+            if codings != ['chunked']:
+                raise UnsupportedTransferCoding(', '.join(codings))
             req.body.reader = SizedChunkedReader(req, req.unreader)
         return super().handle_request(req, conn)
 

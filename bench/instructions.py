@@ -1,10 +1,16 @@
-"""Instructions per GET /person/{id}, counted by valgrind's callgrind: the service's app
-against the bare ceiling's, in this process, without gunicorn (whose cost is the same for
-both). Unlike req/s under wrk, which moves ±15% from one round to the next on a shared
-machine, a count repeats to within a tenth of a percent (PYTHONHASHSEED fixed), so a
-change of a few percent in the app's cost shows.
+"""Instructions per GET /person/{id}, counted by valgrind's callgrind. Unlike req/s under
+wrk, which moves ±15% from one round to the next on a shared machine, a count repeats to
+within a fraction of a percent (PYTHONHASHSEED fixed), so a change of a few percent shows.
 
-    python bench/instructions.py     # both apps and their ratio
+Two counts:
+- in-process: the service's app against the bare ceiling's, without gunicorn: the app's
+  own cost;
+- a whole gunicorn worker: the service as shipped (its worker class, access log,
+  middleware, metrics) against the bare ceiling on gunicorn as it ships
+  (bench/gunicorn_stock.conf.py): what the server's configuration costs too.
+
+    python bench/instructions.py            # both counts
+    python bench/instructions.py --worker   # the whole worker's only
 
 Each app is counted twice, answering FEW and then MANY requests, so that start-up and
 imports cancel out: (count(MANY) - count(FEW)) / (MANY - FEW). The service's metrics are
@@ -14,6 +20,7 @@ is counted. Not counted: gunicorn, threads and the kernel.
 """
 
 import concurrent.futures
+import http.client
 import importlib
 import io
 import os
@@ -23,7 +30,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import common  # noqa: E402  (the line above lets this file run as a script)
+
+ROOT = common.ROOT
 FEW, MANY = 100, 600
 APPS = {'bare ceiling': 'bench.ceiling:app', 'personapi': 'personapi:app'}
 COUNTED = re.compile(rb'Collected : (\d+)')
@@ -79,8 +89,77 @@ def measure(database, persons, few=FEW, many=MANY):
     return {name: per_request(spec, database, persons, few, many) for name, spec in APPS.items()}
 
 
+# --- A whole gunicorn worker ---------------------------------------------------------------
+
+WORKER_APPS = {'stock bare ceiling': ('bench/gunicorn_stock.conf.py', 'bench.ceiling:app'),
+               'personapi': ('gunicorn.conf.py', 'personapi:app')}
+WORKER_FEW, WORKER_MANY = 200, 1200
+CONNECTIONS = 4
+TOTALS = re.compile(r'^(?:summary|totals): (\d+)', re.MULTILINE)
+
+
+def send_gets(port, requests, persons):
+    """`requests` GETs over CONNECTIONS keep-alive connections in turn, one at a time."""
+    connections = [http.client.HTTPConnection('127.0.0.1', port, timeout=120)
+                   for _ in range(CONNECTIONS)]
+    for number in range(requests):
+        connection = connections[number % CONNECTIONS]
+        connection.request('GET', f'/person/{1 + number % persons}')
+        response = connection.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f'GET answered {response.status}')
+    for connection in connections:
+        connection.close()
+
+
+def worker_total(conf, wsgi_app, database, requests, persons):
+    """Instructions callgrind counts in the one worker of a gunicorn that answers a few
+    GETs to warm up, then `requests`, then stops."""
+    port = common.free_port()
+    with tempfile.TemporaryDirectory() as directory:
+        samples = Path(directory)
+        env = {**os.environ, 'PYTHONHASHSEED': '0', 'DATABASE_URL': f'sqlite:///{database}',
+               'SMTP_HOST': '127.0.0.1', 'SMTP_PORT': str(common.free_port())}
+        # A forked worker writes out.<its pid> when it exits.
+        command = ['valgrind', '--tool=callgrind', f'--callgrind-out-file={samples}/out.%p',
+                   str(Path(sys.executable).parent / 'gunicorn'), '-c', conf, '--workers', '1',
+                   '--bind', f'127.0.0.1:{port}', wsgi_app]
+        log = samples / 'gunicorn.log'
+        with open(log, 'w') as output:
+            master = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            common.wait_ready(master, port, log, seconds=300)
+            worker, = common.workers_of(master.pid)
+            send_gets(port, requests, persons)
+        finally:
+            master.terminate()
+            master.wait(300)
+        return int(TOTALS.search((samples / f'out.{worker}').read_text(errors='replace'))
+                   .group(1))
+
+
+def per_request_in_worker(conf, wsgi_app, database, persons, few=WORKER_FEW, many=WORKER_MANY):
+    """Instructions one gunicorn worker (1 process, the settings' threads) spends per GET
+    on connections kept alive: counted answering `few` and then `many` GETs, the
+    difference divided by many - few, so that starting and stopping cancel out (what the
+    worker does once a second does not: the count moves by a few hundred a GET)."""
+    low, high = (worker_total(conf, wsgi_app, database, requests, persons)
+                 for requests in (few, many))
+    return (high - low) / (many - few)
+
+
+def measure_workers(database, persons, few=WORKER_FEW, many=WORKER_MANY):
+    """{app name: instructions per GET in a whole worker} for each of WORKER_APPS."""
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # one valgrind per core
+        counts = pool.map(lambda spec: per_request_in_worker(*spec, database, persons, few, many),
+                          WORKER_APPS.values())
+        return dict(zip(WORKER_APPS, counts))
+
+
 def report(counts):
-    bare = counts['bare ceiling']
+    bare = next(iter(counts.values()))
     return [f'| {name} | {figure:,.0f} | {figure / bare:.2f}× |' for name, figure in counts.items()]
 
 
@@ -88,14 +167,13 @@ def main(argv):
     if argv[:1] == ['--answer']:
         statuses = answer_gets(argv[1], int(argv[2]), int(argv[3]))
         sys.exit(0 if set(statuses) == {'200 OK'} else f'not all 200: {set(statuses)}')
-    sys.path.insert(0, str(ROOT))
-    from bench import run
-
-    run.WORK.mkdir(exist_ok=True)
-    database = run.WORK / 'instructions.db'
-    run.seed(database, run.SEED_PERSONS)
+    common.WORK.mkdir(exist_ok=True)
+    database = common.WORK / 'instructions.db'
+    common.seed(database, common.SEED_PERSONS)
     print('| app | instructions per GET | against the bare ceiling |\n|---|---:|---:|')
-    print('\n'.join(report(measure(database, run.SEED_PERSONS))))
+    if argv[:1] != ['--worker']:
+        print('\n'.join(report(measure(database, common.SEED_PERSONS))))
+    print('\n'.join(report(measure_workers(database, common.SEED_PERSONS))))
 
 
 if __name__ == '__main__':

@@ -1,5 +1,7 @@
-"""`make bench`: the service against the ceilings of bench/ceiling.py, under the same gunicorn
-settings, with wrk.
+"""`make bench`: the service as shipped against the ceilings of bench/ceiling.py on gunicorn
+as it ships (bench/gunicorn_stock.conf.py), and under the service's own settings
+(bench/gunicorn_ceiling.conf.py, "same-config"), with wrk, on SQLite, PostgreSQL and MariaDB;
+and a new client among 5,000 idle connections.
 
 Each scenario serves its apps in turn, round after round, every other round in reverse
 order (A B C C B A: the machine is noisy, and a place in the order is worth up to 15%),
@@ -14,8 +16,12 @@ the same round. Prints the tables and writes them into bench/RESULTS.md between 
     python bench/run.py --profile            # py-spy on the service's workers instead
     python bench/run.py --profile mail --only post  # ... or on a ceiling's
 
-A scenario is one entry of scenarios(): its load, its apps (an App is a settings file, an
-optional application and extra environment), and the one the others are compared with.
+A scenario is one entry of scenarios(): its load, its engine, its apps (an App is a
+settings file, an optional application and extra environment), the one the others are
+compared with, and the service's target against it. On PostgreSQL and MariaDB the bench
+makes a database of its own (BENCH_DATABASE) on the servers BENCH_POSTGRES_URL and
+BENCH_MYSQL_URL name, and drops it at the end; a server that does not answer skips its
+scenarios, said so in the report.
 """
 
 import argparse
@@ -24,9 +30,9 @@ import collections
 import contextlib
 import dataclasses
 import datetime
-import http.client
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import re
@@ -35,7 +41,6 @@ import runpy
 import shlex
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -46,17 +51,23 @@ from pathlib import Path
 
 from aiosmtpd.controller import Controller
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the service's modules and this package, from any folder
-BENCH = ROOT / 'bench'
-WORK = BENCH / 'work'
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import idle  # noqa: E402  (the line above lets this file run as a script)
+from bench.common import (BENCH, ROOT, SEED_PERSONS, WORK, free_port, seed,  # noqa: E402
+                          seed_rows, wait_ready, workers_of)
+
 RESULTS = BENCH / 'RESULTS.md'
 CHART = BENCH / 'results.png'
 BIN = Path(sys.executable).parent
 BEGIN, END = '<!-- bench:begin -->', '<!-- bench:end -->'
 WRK_THREADS = 2
-SEED_PERSONS = 10_000
 RATE_LIMIT = '1000000/second'
+SERVERS = {'postgresql': os.environ.get('BENCH_POSTGRES_URL',
+                                        'postgresql://postgres@127.0.0.1:5432/test'),
+           'mysql': os.environ.get('BENCH_MYSQL_URL', 'mysql://root@127.0.0.1:3306/test')}
+BENCH_DATABASE = 'personapi_bench'
+ENGINE_NAMES = {'sqlite': 'SQLite', 'postgresql': 'PostgreSQL', 'mysql': 'MariaDB'}
+STOCK_CONF, SAME_CONF = 'bench/gunicorn_stock.conf.py', 'bench/gunicorn_ceiling.conf.py'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,64 +80,64 @@ class App:
     env: tuple = ()  # (name, value) pairs added to its environment
 
 
-BARE = App('bare', 'bare ceiling', 'bench/gunicorn_ceiling.conf.py')
-MAIL = App('mail', 'mail ceiling', 'bench/gunicorn_ceiling.conf.py', 'bench.ceiling:mail_app',
-           mails=True)
+BARE = App('bare', 'bare ceiling', STOCK_CONF)
+MAIL = App('mail', 'mail ceiling', STOCK_CONF, 'bench.ceiling:mail_app', mails=True)
+SAME_BARE = App('same-bare', 'bare ceiling, same-config', SAME_CONF)
+SAME_MAIL = App('same-mail', 'mail ceiling, same-config', SAME_CONF, 'bench.ceiling:mail_app',
+                mails=True)
 SERVICE = App('service', 'personapi', 'gunicorn.conf.py', mails=True)
 NO_METRICS = App('no-metrics', 'personapi, METRICS=off', 'gunicorn.conf.py', mails=True,
                  env=(('METRICS', 'off'),))
-APPS = {app.key: app for app in (BARE, MAIL, SERVICE, NO_METRICS)}
+APPS = {app.key: app for app in (BARE, MAIL, SAME_BARE, SAME_MAIL, SERVICE, NO_METRICS)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Scenario:
     key: str
     title: str
-    mode: str  # 'get' or 'post'
+    mode: str  # 'get', 'post' (wrk's load) or 'idle' (bench/idle.py)
     connections: int
     persons: int
     apps: tuple  # served in this order in each round
     baseline: App  # the apps after it in `apps` are reported as a ratio to it
+    target: float = 0.0  # the service's req/s at least this share of the baseline's
+    p99: bool = False  # the service's p99 no worse than the baseline's
+    same_config: App = None  # the service's ratio to it is reported too
+    engine: str = 'sqlite'  # or 'postgresql', 'mysql'
     smtp_delay: float = 0.0
     await_mail: bool = False  # after the load, wait until every mail is delivered
 
 
+GET, POST = 'GET /person/{id}', 'POST /person, mail delivered'
+
+
 def scenarios(large):
-    return [Scenario('get', 'GET /person/{id}', 'get', 32, SEED_PERSONS,
-                     (BARE, MAIL, SERVICE), BARE),
-            Scenario('post', 'POST /person, mail delivered', 'post', 16, SEED_PERSONS,
-                     (BARE, MAIL, SERVICE), MAIL, await_mail=True),
+    engines = [Scenario(f'get-{engine}', f'{GET}, {name}', 'get', 32, SEED_PERSONS,
+                        (BARE, SAME_BARE, SERVICE), BARE, 0.85, engine=engine,
+                        same_config=SAME_BARE)
+               for engine, name in ENGINE_NAMES.items() if engine != 'sqlite']
+    engines += [Scenario(f'post-{engine}', f'{POST}, {name}', 'post', 16, SEED_PERSONS,
+                         (MAIL, SAME_MAIL, SERVICE), MAIL, 0.75, p99=True, engine=engine,
+                         same_config=SAME_MAIL, await_mail=True)
+                for engine, name in ENGINE_NAMES.items() if engine != 'sqlite']
+    return [Scenario('get', GET, 'get', 32, SEED_PERSONS, (BARE, SAME_BARE, SERVICE), BARE, 0.85,
+                     same_config=SAME_BARE),
+            Scenario('post', POST, 'post', 16, SEED_PERSONS, (MAIL, SAME_MAIL, SERVICE), MAIL,
+                     0.80, p99=True, same_config=SAME_MAIL, await_mail=True),
             Scenario('post-slow-smtp', 'POST, SMTP 200 ms', 'post', 16, SEED_PERSONS,
-                     (MAIL, SERVICE), MAIL, smtp_delay=0.2),
+                     (MAIL, SERVICE), MAIL, p99=True, smtp_delay=0.2),
             Scenario('get-1m', f'GET /person/{{id}}, {large:,} persons', 'get', 32, large,
                      (BARE, SERVICE), BARE),
             Scenario('get-metrics', 'GET, metrics on against off', 'get', 32, SEED_PERSONS,
-                     (NO_METRICS, SERVICE), NO_METRICS),
+                     (NO_METRICS, SERVICE), NO_METRICS, 0.95),
             Scenario('post-metrics', 'POST, metrics on against off', 'post', 16, SEED_PERSONS,
-                     (NO_METRICS, SERVICE), NO_METRICS, await_mail=True)]
+                     (NO_METRICS, SERVICE), NO_METRICS, 0.95, await_mail=True),
+            *engines,
+            Scenario('idle', f'a new client among {idle.IDLE:,} idle connections', 'idle',
+                     idle.IDLE, SEED_PERSONS, (BARE, SERVICE), BARE)]
 
 
 # --- Database -------------------------------------------------------------------------------
-
-def seed(path, persons):
-    """A database with the service's schema and `persons` rows, in one bulk transaction."""
-    path.unlink(missing_ok=True)
-    import models
-
-    models.connect(f'sqlite:///{path}')
-    models.migrate()
-    models.db.close()
-    connection = sqlite3.connect(path, isolation_level=None)
-    connection.execute('PRAGMA synchronous=OFF')  # a seed needs no durability
-    connection.execute('BEGIN')
-    connection.executemany(
-        'INSERT INTO person (id, first_name, last_name, email, email_key) VALUES (?, ?, ?, ?, ?)',
-        ((i, f'First{i}', f'Last{i}', f'person{i}@example.org', f'person{i}@example.org')
-         for i in range(1, persons + 1)))
-    connection.execute('COMMIT')
-    connection.execute('PRAGMA wal_checkpoint(TRUNCATE)')  # the template is one file to copy
-    connection.close()
-
 
 def fresh_copy(template):
     target = WORK / 'run.db'
@@ -136,12 +147,84 @@ def fresh_copy(template):
     # Written out now: the kernel flushing a large copy would weigh on the first app's run.
     with open(target, 'rb+') as copy:
         os.fsync(copy.fileno())
-    return target
+    return f'sqlite:///{target}'
 
 
-def scalar(path, sql):
-    with contextlib.closing(sqlite3.connect(path, timeout=15)) as connection:
-        return connection.execute(sql).fetchone()[0]
+def with_database(url, name):
+    scheme, rest = url.split('://', 1)
+    return f'{scheme}://{rest.rsplit("/", 1)[0]}/{name}'
+
+
+def admin(engine):
+    from playhouse import db_url
+
+    return db_url.connect(SERVERS[engine])
+
+
+@contextlib.contextmanager
+def server_database(engine, persons):
+    """The bench's own database on the engine's server, with the service's schema and
+    `persons` rows; dropped at the end. Only this database is ever touched."""
+    import models
+
+    server = admin(engine)
+    server.execute_sql(f'DROP DATABASE IF EXISTS {BENCH_DATABASE}')
+    server.execute_sql(f'CREATE DATABASE {BENCH_DATABASE}')
+    url = with_database(SERVERS[engine], BENCH_DATABASE)
+    try:
+        models.connect(url)
+        models.migrate()
+        with models.db.atomic():
+            models.db.execute_sql(  # one statement: a bulk insert over the network
+                'INSERT INTO person (id, first_name, last_name, email, email_key) VALUES '
+                + ', '.join(['(%s, %s, %s, %s, %s)'] * persons),
+                [value for row in seed_rows(persons) for value in row])
+        if engine == 'postgresql':  # ids after the seeded ones
+            models.db.execute_sql("SELECT setval('person_id_seq', %s)", (persons,))
+        models.db.close()
+        yield url
+    finally:
+        models.db.close()
+        server.execute_sql(f'DROP DATABASE IF EXISTS {BENCH_DATABASE}'
+                           + (' WITH (FORCE)' if engine == 'postgresql' else ''))
+        server.close()
+
+
+def reset(url, persons):
+    """The server database as seeded: what a run added is deleted."""
+    from playhouse import db_url
+
+    database = db_url.connect(url)
+    with database.atomic():
+        for table in ('outbox', 'idempotencykey'):
+            database.execute_sql(f'DELETE FROM {table}')
+        database.execute_sql('DELETE FROM person WHERE id > %s', (persons,))
+    database.close()
+    return url
+
+
+def scalar(url, sql):
+    if url.startswith('sqlite:'):
+        with contextlib.closing(sqlite3.connect(url.removeprefix('sqlite:///'),
+                                                timeout=15)) as connection:
+            return connection.execute(sql).fetchone()[0]
+    from playhouse import db_url
+
+    database = db_url.connect(url)
+    try:
+        return database.execute_sql(sql).fetchone()[0]
+    finally:
+        database.close()
+
+
+def server_answers(engine):
+    try:
+        admin(engine).close()
+    except Exception as error:  # noqa: BLE001  (any reason makes the engine's scenarios skip)
+        print(f'{ENGINE_NAMES[engine]} at {SERVERS[engine]} does not answer '
+              f'({type(error).__name__}): its scenarios are skipped', flush=True)
+        return False
+    return True
 
 
 # --- SMTP sink ------------------------------------------------------------------------------
@@ -164,22 +247,6 @@ class Sink:
 
 
 # --- Servers --------------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        return probe.getsockname()[1]
-
-
-def workers_of(master_pid):
-    pids = []
-    for stat in Path('/proc').glob('[0-9]*/stat'):
-        with contextlib.suppress(OSError):
-            # The parent pid is the second field after the parenthesised command name.
-            if int(stat.read_text().rsplit(')', 1)[1].split()[1]) == master_pid:
-                pids.append(int(stat.parent.name))
-    return pids
-
 
 def cpu_seconds(pids):
     """User and system CPU time the processes have used so far."""
@@ -210,27 +277,13 @@ class Server:
     log: Path
 
 
-def wait_ready(server, seconds=30):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f'gunicorn exited; see {server.log}')
-        with contextlib.suppress(OSError):
-            connection = http.client.HTTPConnection('127.0.0.1', server.port, timeout=2)
-            connection.request('GET', '/person/1')
-            if connection.getresponse().status == 200:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f'gunicorn not ready after {seconds} s; see {server.log}')
-
-
 @contextlib.contextmanager
-def serve(app, database, sink_port, gunicorn_args, label):
+def serve(app, database_url, sink_port, gunicorn_args, label):
     """gunicorn with `app`'s settings on a free loopback port; stopped whatever happens."""
     port, log = free_port(), WORK / f'{label}.log'
     # wrk is one address standing for many clients: the write limit stays on (its cost is
     # measured) but high enough never to refuse.
-    env = {**os.environ, 'DATABASE_URL': f'sqlite:///{database}', 'RATE_LIMIT': RATE_LIMIT,
+    env = {**os.environ, 'DATABASE_URL': database_url, 'RATE_LIMIT': RATE_LIMIT,
            'SMTP_HOST': '127.0.0.1', 'SMTP_PORT': str(sink_port), **dict(app.env)}
     command = [str(BIN / 'gunicorn'), '-c', app.conf, '--bind', f'127.0.0.1:{port}',
                *gunicorn_args, *([app.wsgi] if app.wsgi else [])]
@@ -239,7 +292,7 @@ def serve(app, database, sink_port, gunicorn_args, label):
                                    stderr=subprocess.STDOUT, start_new_session=True)
     server = Server(port, process, log)
     try:
-        wait_ready(server)
+        wait_ready(process, port, log)
         yield server
     finally:
         stop(process)
@@ -266,8 +319,8 @@ def wrk(server, scenario, seconds, tag):
     return json.loads([line for line in done.stdout.splitlines() if line.startswith('{')][-1])
 
 
-def persons_created(database):
-    return scalar(database, 'SELECT count(*) FROM person') - SEED_PERSONS
+def persons_created(database_url):
+    return scalar(database_url, 'SELECT count(*) FROM person') - SEED_PERSONS
 
 
 def wrk_seconds():
@@ -286,9 +339,16 @@ def wait_for_mail(sink, database, seconds):
     return time.monotonic() - start
 
 
-def measure(app, scenario, template, sink, args, label):
+def database_for(scenario, databases):
+    """A database as seeded for one run: a fresh copy of SQLite's, a server's reset."""
+    if scenario.engine == 'sqlite':
+        return fresh_copy(databases[scenario.persons])
+    return reset(databases[scenario.engine], scenario.persons)
+
+
+def measure(app, scenario, databases, sink, args, label):
     """One run of `app` on `scenario`: warm-up, measured wrk run, memory, mail."""
-    database = fresh_copy(template)
+    database = database_for(scenario, databases)
     sink.reset(scenario.smtp_delay)
     with serve(app, database, sink.port, args.gunicorn_args, label) as server:
         wrk(server, scenario, args.warmup, f'{label}w')
@@ -314,6 +374,19 @@ def measure(app, scenario, template, sink, args, label):
     return run
 
 
+def measure_idle(app, scenario, databases, sink, args, label):
+    """One run of `app` with scenario.connections idle connections and a new client's GETs
+    (bench/idle.py)."""
+    with serve(app, database_for(scenario, databases), sink.port, args.gunicorn_args,
+               label) as server:
+        run = idle.run(server.port, scenario.connections, 3 if args.quick else idle.PROBES)
+        run['rss_mb'] = max(rss_mb(pid) for pid in workers_of(server.process.pid))
+    return run
+
+
+MEASURES = {'get': measure, 'post': measure, 'idle': measure_idle}  # by Scenario.mode
+
+
 # --- Report ---------------------------------------------------------------------------------
 
 @dataclasses.dataclass
@@ -321,10 +394,13 @@ class Result:
     scenario: Scenario
     rows: dict  # app name -> summarise() of its rounds
     ratios: dict  # app name -> its req/s over the baseline's, per round (apps after the baseline)
+    same_config: list = None  # the service's req/s over the same-config ceiling's, per round
 
 
 def summarise(runs):
     """The mean of the rounds' figures, the worst of the errors and memory."""
+    if 'probes' in runs[0]:  # the idle scenario: the worst round
+        return min(runs, key=lambda run: (run['within_1s'], -(run['max_ms'] or math.inf)))
     ms = lambda key: statistics.mean(run[key] for run in runs) / 1000  # noqa: E731
     row = {'rps': statistics.mean(run['rps'] for run in runs), 'p50': ms('p50_us'),
            'p99': ms('p99_us'), 'cpu': statistics.mean(run['cpu_ms'] for run in runs),
@@ -349,22 +425,36 @@ def ratio_text(result, name):
 
 
 def instruction_counts(template):
-    """The app's own cost of a GET, counted in instructions (bench/instructions.py): the
-    same at every run, where req/s moves with the machine's load."""
-    title = '### Instructions per GET /person/{id}, in-process (callgrind)'
+    """The cost of a GET counted in instructions (bench/instructions.py): the same at every
+    run, where req/s moves with the machine's load."""
     if template is None:
         return []
+    title = '### Instructions per GET /person/{id} (callgrind)'
     if not shutil.which('valgrind'):
         return [title, '', 'Not counted: valgrind is not installed.']
     from bench import instructions
 
-    counts = instructions.measure(template, SEED_PERSONS)
-    return [title, '', '| app | instructions per GET | against the bare ceiling |',
-            '|---|---:|---:|', *instructions.report(counts)]
+    header = ['| app | instructions per GET | against the first |', '|---|---:|---:|']
+    return [title, '', 'A whole gunicorn worker (1 process, its threads, GETs on 4 kept-alive '
+            'connections), the service as shipped against the bare ceiling on gunicorn as it '
+            'ships:', '', *header,
+            *instructions.report(instructions.measure_workers(template, SEED_PERSONS)), '',
+            'In-process, the app alone (no gunicorn):', '', *header,
+            *instructions.report(instructions.measure(template, SEED_PERSONS))]
+
+
+def loads(results):
+    return [result for result in results if result.scenario.mode != 'idle']
+
+
+def same_config_text(result):
+    return f'{statistics.mean(result.same_config):.2f}' if result.same_config else ''
 
 
 def headline(results):
-    """The apps by scenario, req/s, each compared with its scenario's baseline."""
+    """The apps by scenario, req/s, each compared with its scenario's baseline (and the
+    service with the same-config ceiling too)."""
+    results = loads(results)
     apps = list(dict.fromkeys(app for result in results for app in result.scenario.apps))
     lines = ['| | ' + ' | '.join(result.scenario.title for result in results) + ' |',
              '|---|' + '---:|' * len(results)]
@@ -374,7 +464,10 @@ def headline(results):
             row, ratio = result.rows.get(app.name), ratio_text(result, app.name)
             cell = '—' if row is None else f'{row["rps"]:,.0f}'
             if ratio:
-                cell += f' ({ratio}× {result.scenario.baseline.name})'
+                cell += f' ({ratio}× {result.scenario.baseline.name}'
+                if app == SERVICE and result.same_config:
+                    cell += f'; {same_config_text(result)}× same-config'
+                cell += ')'
             cells.append(f'**{cell}**' if app == SERVICE else cell)
         name = f'**{app.name}**' if app == SERVICE else app.name
         lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
@@ -396,7 +489,7 @@ def table(results):
              '| workers\' CPU ms per request | non-2xx | socket errors | "locked" '
              '| mails / persons created | max RSS per worker MB | other programs\' CPU % |',
              '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|']
-    for result in results:
+    for result in loads(results):
         for name, row in result.rows.items():
             ratios = result.ratios.get(name)
             ratio = (f'**{statistics.mean(ratios):.2f}** ({", ".join(f"{r:.2f}" for r in ratios)})'
@@ -408,6 +501,27 @@ def table(results):
     return lines
 
 
+def idle_table(results):
+    """The idle scenario's figures: did a new client get in?"""
+    lines = []
+    for result in (result for result in results if result.scenario.mode == 'idle'):
+        lines += [f'### {result.scenario.title[0].upper()}{result.scenario.title[1:]}', '',
+                  f'{result.scenario.connections:,} connections that send nothing, each opened '
+                  'again as soon as the server closes it; meanwhile GETs, each on a new '
+                  f'connection, {idle.PROBE_EVERY:.0f} s apart, waited for '
+                  f'{idle.PROBE_TIMEOUT:.0f} s at most (the worst round):', '',
+                  '| app | idle connections open before the GETs / at the end | connections '
+                  'opened in all | GETs answered | within 1 s | p50 ms | max ms | max RSS per '
+                  'worker MB |', '|---|---:|---:|---:|---:|---:|---:|---:|']
+        for name, row in result.rows.items():
+            ms = lambda key: '–' if row[key] is None else f'{row[key]:.0f}'  # noqa: E731
+            lines.append(f'| {name} | {row["filled"]:,} / {row["held"]:,} | {row["opened"]:,} '
+                         f'| {row["answered"]} of {row["probes"]} | {row["within_1s"]} '
+                         f'| {ms("p50_ms")} | {ms("max_ms")} | {row["rss_mb"]:.0f} |')
+        lines.append('')
+    return lines
+
+
 def targets(results):
     """The targets, each with its measured figure and whether it is met."""
     by_key = {result.scenario.key: result for result in results}
@@ -416,48 +530,59 @@ def targets(results):
     def check(label, met, figure):
         checks.append(f'- {"met" if met else "**MISSED**"}: {label}: {figure}')
 
-    def ratio(key):
-        return statistics.mean(by_key[key].ratios[SERVICE.name])
-
     def service(key):
         return by_key[key].rows[SERVICE.name]
 
-    if 'get' in by_key:
-        check('GET ≥ 0.85× the bare ceiling', ratio('get') >= 0.85, f'{ratio("get"):.2f}')
-    if 'post' in by_key:
-        check('POST with every mail delivered ≥ 0.75× the mail ceiling', ratio('post') >= 0.75,
-              f'{ratio("post"):.2f}')
-    for key in ('post', 'post-slow-smtp'):
-        if key in by_key:
-            mine, ceiling = service(key)['p99'], by_key[key].rows[MAIL.name]['p99']
-            check(f'{by_key[key].scenario.title}: p99 ≤ the mail ceiling\'s', mine <= ceiling,
+    for result in results:
+        scenario = result.scenario
+        if scenario.target:
+            ratio = statistics.mean(result.ratios[SERVICE.name])
+            check(f'{scenario.title} ≥ {scenario.target:.2f}× the {scenario.baseline.name}',
+                  ratio >= scenario.target, f'{ratio:.2f}')
+        if scenario.p99:
+            mine, ceiling = service(scenario.key)['p99'], result.rows[scenario.baseline.name]['p99']
+            check(f'{scenario.title}: p99 ≤ the {scenario.baseline.name}\'s', mine <= ceiling,
                   f'{mine:.1f} ms vs {ceiling:.1f} ms')
+        if scenario.mode == 'idle':
+            row = service(scenario.key)
+            check(f'{scenario.title}: every GET answered within 1 s',
+                  row['within_1s'] == row['probes'],
+                  f'{row["within_1s"]} of {row["probes"]} (max {row["max_ms"] or math.inf:.0f} ms)')
     if 'post' in by_key and 'post-slow-smtp' in by_key:
         share = service('post-slow-smtp')['rps'] / service('post')['rps']
         check('POST with a 200 ms SMTP server ≥ 0.90 of POST', share >= 0.90, f'{share:.2f}')
-    for key in ('get-metrics', 'post-metrics'):
-        if key in by_key:
-            check(f'{by_key[key].scenario.title}: ≥ 0.95', ratio(key) >= 0.95, f'{ratio(key):.2f}')
     if 'get' in by_key and 'get-1m' in by_key:
         small, large = service('get')['p99'], service('get-1m')['p99']
         check('GET p99 at the large database ≤ 1.5× the 10k one', large <= 1.5 * small,
               f'{large:.1f} ms vs {small:.1f} ms ({large / small:.2f}×)')
-    rows = [(result.scenario, name, row) for result in results for name, row in result.rows.items()]
+    rows = [(result.scenario, name, row) for result in loads(results)
+            for name, row in result.rows.items()]
     errors = sum(row['non2xx'] + row['socket'] + row['locked']
                  for _, name, row in rows if name == SERVICE.name)
     check('zero non-2xx, socket errors and "database is locked"', errors == 0, str(errors))
-    unsent = [f'{name}: {row["mails"]} of {row["created"]}' for scenario, name, row in rows
-              if scenario.await_mail and 'mails' in row
+    unsent = [f'{scenario.title}, {name}: {row["mails"]} of {row["created"]}'
+              for scenario, name, row in rows if scenario.await_mail and 'mails' in row
               and (row['mails'] != row['created'] or row['drain'] is None)]
     check('every mail delivered where awaited, by every app', not unsent,
           ', '.join(unsent) or 'all')
-    rss = max(row['rss'] for _, name, row in rows if name == SERVICE.name)
-    check('RSS per worker < 60 MB', rss < 60, f'{rss:.0f} MB')
+    rss = max((row['rss'] for _, name, row in rows if name == SERVICE.name), default=0)
+    check('RSS per worker < 60 MB under load', rss < 60, f'{rss:.0f} MB')
     return checks
 
 
-def environment(args):
+def server_versions(engines):
+    versions = []
+    for engine in engines:
+        server = admin(engine)
+        versions.append(f'{ENGINE_NAMES[engine]} '
+                        f'{server.execute_sql("SELECT version()").fetchone()[0].split(" on ")[0]}')
+        server.close()
+    return ''.join(f', {version}' for version in versions)
+
+
+def environment(args, engines):
     settings = runpy.run_path(str(ROOT / 'gunicorn.conf.py'))
+    stock = runpy.run_path(str(ROOT / STOCK_CONF))
     versions = ', '.join(f'{name} {importlib.metadata.version(name)}'
                          for name in ('falcon', 'peewee', 'gunicorn', 'email-validator'))
     wrk_version = subprocess.run(['wrk', '-v'], capture_output=True, text=True).stdout.split()[1]
@@ -468,12 +593,18 @@ def environment(args):
     return [f'- Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}',
             f'- Machine: {os.cpu_count()} cores ({cpu}), Linux {platform.release()}; '
             f'wrk ({WRK_THREADS} threads) shares the cores with the server',
-            f'- Versions: Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}, '
-            f'{versions}, wrk {wrk_version}',
-            f'- gunicorn.conf.py, for the service and both ceilings: '
+            f'- Versions: Python {platform.python_version()}, SQLite {sqlite3.sqlite_version}'
+            f'{server_versions(engines)}, {versions}, wrk {wrk_version}',
+            f'- The service and the same-config ceilings: gunicorn.conf.py, '
             f'{getattr(worker_class, "__name__", worker_class)}, {settings["workers"]} workers, '
-            f'{settings["threads"]} threads, keepalive {settings["keepalive"]} s; '
-            f'extra flags: {flags}',
+            f'{settings["threads"]} threads, keepalive {settings["keepalive"]} s, '
+            f'worker_connections {settings["worker_connections"]:,}, access log; the ceilings: '
+            f'{STOCK_CONF}, gunicorn as it ships ({stock["worker_class"]}, '
+            f'{stock["workers"]} workers, {stock["threads"]} threads, keepalive '
+            f'{stock["keepalive"]} s, worker_connections 1,000, no access log); extra flags '
+            f'for all: {flags}',
+            '- The ceilings: a connection per thread over the engine\'s own driver (sqlite3, '
+            'psycopg2, PyMySQL); the service: peewee, its connection pool on a server',
             f'- Method: {args.rounds} round(s) of each scenario\'s apps in turn, every other '
             f'round in reverse order (A B C C B A), '
             f'{args.warmup} s warm-up then {args.seconds} s measured; req/s, p50 and p99 are '
@@ -495,6 +626,7 @@ def draw(results, path, subtitle):
     matplotlib.use('Agg')
     from matplotlib import pyplot
 
+    results = loads(results)
     apps = list(dict.fromkeys(app for result in results for app in result.scenario.apps))
     width = 0.8 / len(apps)
     figure, axes = pyplot.subplots(figsize=(2.2 * len(results) + 2, 5.5), layout='constrained')
@@ -512,7 +644,8 @@ def draw(results, path, subtitle):
                      + '\n' + textwrap.fill(f'(ratio: × {result.scenario.baseline.name})', 20)
                      for result in results], fontsize=8)
     axes.set_ylabel('requests per second')
-    axes.set_title(f'personapi against the ceilings ({subtitle})')
+    axes.set_title(f'personapi as shipped against the ceilings on gunicorn as it ships, and '
+                   f'on its settings (same-config) ({subtitle})')
     axes.legend()
     axes.margins(y=0.15)
     figure.savefig(path, dpi=100)
@@ -524,10 +657,10 @@ def draw(results, path, subtitle):
 PROFILE_RATE = 200  # samples per second and process
 
 
-def profile(app, scenario, template, sink, args):
+def profile(app, scenario, databases, sink, args):
     """Sample every worker of `app` with py-spy during one run; print where the time goes."""
     label = f'profile-{app.key}-{scenario.key}'
-    database, raw = fresh_copy(template), WORK / f'{label}.txt'
+    database, raw = database_for(scenario, databases), WORK / f'{label}.txt'
     sink.reset(scenario.smtp_delay)
     with serve(app, database, sink.port, args.gunicorn_args, label) as server:
         wrk(server, scenario, args.warmup, 'pw')
@@ -592,9 +725,12 @@ def parse(argv):
     parser.add_argument('--profile', nargs='?', const=SERVICE.key, choices=APPS,
                         help='sample this app (default: the service) with py-spy instead of '
                              'measuring')
+    parser.add_argument('--no-instructions', dest='instructions', action='store_false',
+                        help='skip the instruction counts (callgrind, a few minutes)')
     args = parser.parse_args(argv)
     if args.quick:  # its figures, unless given
-        parser.set_defaults(rounds=1, seconds=3, warmup=1, large=100_000, no_results=True)
+        parser.set_defaults(rounds=1, seconds=3, warmup=1, large=100_000, no_results=True,
+                            instructions=False)
         args = parser.parse_args(argv)
     chosen = [s for s in scenarios(args.large) if not args.only or s.key in args.only.split(',')]
     return args, chosen
@@ -603,29 +739,34 @@ def parse(argv):
 def main(argv):
     args, chosen = parse(argv)
     WORK.mkdir(exist_ok=True)
-    templates = {}
-    for persons in sorted({scenario.persons for scenario in chosen}):
-        start = time.monotonic()
-        templates[persons] = WORK / f'seed-{persons}.db'
-        seed(templates[persons], persons)
-        print(f'seeded {persons:,} persons in {time.monotonic() - start:.1f} s', flush=True)
+    engines = [engine for engine in dict.fromkeys(scenario.engine for scenario in chosen)
+               if engine == 'sqlite' or server_answers(engine)]
+    if any(scenario.mode == 'idle' for scenario in chosen) and not idle.allow_files(
+            2 * idle.IDLE):
+        print(f'this process may not open {2 * idle.IDLE:,} files (ulimit -n): the idle '
+              'scenario is skipped', flush=True)
+        chosen = [scenario for scenario in chosen if scenario.mode != 'idle']
+    chosen = [scenario for scenario in chosen if scenario.engine in engines]
     sink = Sink()
     controller = Controller(sink, hostname='127.0.0.1', port=free_port())
     controller.start()
     sink.port = controller.port
     try:
-        if args.profile:
-            for scenario in chosen:
-                profile(APPS[args.profile], scenario, templates[scenario.persons], sink, args)
-            return
-        results = [run_scenario(scenario, templates[scenario.persons], sink, args)
-                   for scenario in chosen]
+        with contextlib.ExitStack() as stack:
+            databases = seed_databases(chosen, stack)
+            if args.profile:
+                for scenario in chosen:
+                    profile(APPS[args.profile], scenario, databases, sink, args)
+                return
+            results = [run_scenario(scenario, databases, sink, args) for scenario in chosen]
     finally:
         controller.stop()
     kind = 'quick run, not a measurement' if args.quick else f'{args.rounds} rounds'
-    report = ['## Latest run', '', *environment(args), '', *headline(results), '',
-              '### Every figure', '', *table(results), '', '### Targets', '', *targets(results),
-              '', *instruction_counts(templates.get(SEED_PERSONS))]
+    report = ['## Latest run', '', *environment(args, [e for e in engines if e != 'sqlite']),
+              '', *headline(results), '', '### Every figure', '', *table(results), '',
+              *idle_table(results), '### Targets', '', *targets(results), '',
+              *instruction_counts(WORK / f'seed-{SEED_PERSONS}.db' if args.instructions
+                                  else None)]
     print('\n' + '\n'.join(report))
     chart = WORK / 'results.png' if args.no_results else CHART
     draw(results, chart, f'{datetime.date.today()}, {kind}')
@@ -634,21 +775,46 @@ def main(argv):
         write_results(report)
 
 
-def run_scenario(scenario, template, sink, args):
+def seed_databases(chosen, stack):
+    """{persons: a seeded SQLite template} and {engine: the URL of its server's seeded
+    bench database}, for the chosen scenarios (and SQLite's 10,000 for the counts)."""
+    databases = {}
+    for persons in sorted({SEED_PERSONS} | {s.persons for s in chosen if s.engine == 'sqlite'}):
+        start = time.monotonic()
+        databases[persons] = WORK / f'seed-{persons}.db'
+        seed(databases[persons], persons)
+        print(f'seeded {persons:,} persons in {time.monotonic() - start:.1f} s', flush=True)
+    for engine in dict.fromkeys(s.engine for s in chosen if s.engine != 'sqlite'):
+        databases[engine] = stack.enter_context(server_database(engine, SEED_PERSONS))
+        print(f'seeded {SEED_PERSONS:,} persons in {ENGINE_NAMES[engine]}', flush=True)
+    return databases
+
+
+def run_scenario(scenario, databases, sink, args):
     runs = {app.name: [] for app in scenario.apps}
     for round_ in range(args.rounds):
         # Reversed every other round: the place in the order weighs on each app alike.
         for app in scenario.apps[::-1] if round_ % 2 else scenario.apps:
             label = f'{scenario.key}-{app.key}-{round_}'
-            run = measure(app, scenario, template, sink, args, label)
+            run = MEASURES[scenario.mode](app, scenario, databases, sink, args, label)
             runs[app.name].append(run)
-            print(f'{scenario.key} {app.name} round {round_ + 1}: {run["rps"]:.0f} req/s, '
-                  f'p99 {run["p99_us"] / 1000:.1f} ms', flush=True)
+            print(f'{scenario.key} {app.name} round {round_ + 1}: ' + (
+                f'{run["rps"]:.0f} req/s, p99 {run["p99_us"] / 1000:.1f} ms' if 'rps' in run
+                else f'{run["within_1s"]} of {run["probes"]} GETs answered within 1 s'),
+                flush=True)
+    summaries = {name: summarise(app_runs) for name, app_runs in runs.items()}
+    if scenario.mode == 'idle':
+        return Result(scenario, summaries, {})
     compared = scenario.apps[scenario.apps.index(scenario.baseline) + 1:]
-    ratios = {app.name: [mine['rps'] / base['rps']
-                         for base, mine in zip(runs[scenario.baseline.name], runs[app.name])]
-              for app in compared}
-    return Result(scenario, {name: summarise(app_runs) for name, app_runs in runs.items()}, ratios)
+    ratios = {app.name: per_round(runs, scenario.baseline, app) for app in compared}
+    same_config = per_round(runs, scenario.same_config, SERVICE) if scenario.same_config \
+        else None
+    return Result(scenario, summaries, ratios, same_config)
+
+
+def per_round(runs, baseline, app):
+    """`app`'s req/s over `baseline`'s, round by round."""
+    return [mine['rps'] / base['rps'] for base, mine in zip(runs[baseline.name], runs[app.name])]
 
 
 if __name__ == '__main__':

@@ -139,6 +139,55 @@ def test_clients_trickling_headers_hold_no_thread_and_are_cut_off(service_env, t
     assert all(header_timeout - 0.5 <= seconds <= header_timeout + 3 for seconds in lifetimes)
 
 
+def closed_by_server(sock):
+    """Whether the server closed `sock` (it reads as ended); False while it stays open."""
+    ready = selectors.DefaultSelector()
+    ready.register(sock, selectors.EVENT_READ)
+    try:
+        return bool(ready.select(timeout=0)) and sock.recv(1) == b''
+    finally:
+        ready.close()
+
+
+def test_a_full_worker_closes_its_longest_idle_connection_for_a_new_client(service_env,
+                                                                           tmp_path):
+    """Connections that send nothing fill a worker's worker_connections; gthread would
+    then accept no one until one of them times out (HEADER_TIMEOUT, a minute here)."""
+    limit, idle = 20, 30
+    service = Service({**service_env, 'HEADER_TIMEOUT': '60',
+                       'GUNICORN_CMD_ARGS': f'--worker-connections {limit}'}, workers=1,
+                      log_path=tmp_path / 'gunicorn.log').start()
+    holders = []
+    try:
+        for _ in range(idle):
+            holders.append(socket.create_connection(('127.0.0.1', service.port), timeout=10))
+        # Accepting the last of them has closed the longest idle: at most limit - 1 stay.
+        assert wait_until(lambda: sum(map(closed_by_server, holders)) >= idle - limit + 1)
+        status, _, _ = service.request('GET', '/healthz', timeout=20)
+        closed = [closed_by_server(sock) for sock in holders]
+    finally:
+        for sock in holders:
+            sock.close()
+        service.stop()
+    assert status == 200
+    assert holders and closed[0] and not closed[-1]  # the longest idle first, the newest kept
+    assert 'Closed ' in (tmp_path / 'gunicorn.log').read_text()
+
+
+def test_a_worker_holds_as_many_connections_as_the_process_may_open_files(engine):
+    """The soft limit on open files is raised to the hard one, and worker_connections
+    follows it, less a margin for the worker's own files."""
+    settings = ('import resource, runpy; '
+                'resource.setrlimit(resource.RLIMIT_NOFILE, (256, 1000)); '
+                'connections = runpy.run_path("gunicorn.conf.py")["worker_connections"]; '
+                'print(connections, *resource.getrlimit(resource.RLIMIT_NOFILE))')
+    connections, soft, hard = map(int, subprocess.run(
+        [sys.executable, '-c', settings], cwd=ROOT, capture_output=True, text=True,
+        check=True).stdout.split())
+    assert soft == hard == 1000
+    assert 1000 - 200 <= connections < 1000
+
+
 # --- Malformed body framing ------------------------------------------------------------
 
 def exchange(service, payload):
