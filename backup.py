@@ -26,12 +26,16 @@ from config import Config
 
 USAGE = 'usage: python models.py migrate | check | backup [--force] FILE | restore FILE'
 RESTORE_HINT = 'restore a backup with `python models.py restore FILE` (docs/backup.md)'
-# What each server engine offers in place of `backup` and `restore` (docs/backup.md).
+# What each server engine offers in place of these commands (docs/backup.md).
 SERVER_TOOLS = {
-    'postgres': ('PostgreSQL', 'pg_dump / pg_restore, or WAL archiving for point-in-time '
-                 'recovery', 'pg_amcheck and data checksums'),
-    'mysql': ('MariaDB/MySQL', 'mariadb-dump (mysqldump), or the binary log for '
-              'point-in-time recovery', 'mariadb-check (mysqlcheck)'),
+    'postgres': ('PostgreSQL', {
+        'backup': 'pg_dump (and WAL archiving, for point-in-time recovery)',
+        'restore': 'pg_restore (or a base backup and the archived WAL)',
+        'check': 'data checksums and pg_amcheck'}),
+    'mysql': ('MariaDB/MySQL', {
+        'backup': 'mariadb-dump (and the binary log, for point-in-time recovery)',
+        'restore': 'the mariadb client (and mariadb-binlog, for point-in-time recovery)',
+        'check': 'mariadb-check'}),
 }
 
 
@@ -62,16 +66,15 @@ def check_at_start(url):
     path = sqlite_path(url)
     if path is None or not os.path.exists(path):
         return None  # a server checks its own storage; a new file is made by migrate()
-    return check(path)
+    return check(path, then=f'it is not served: {RESTORE_HINT}')
 
 
-def check(path, pragma='quick_check'):
-    """Run `pragma` (quick_check or integrity_check) on the SQLite file at `path`, read-only;
-    returns the seconds it took, or raises DatabaseCorrupt."""
+def check(path, then=RESTORE_HINT):
+    """Run quick_check on the SQLite file at `path`, read-only; returns the seconds it took,
+    or raises DatabaseCorrupt, whose message ends with `then`."""
     started = time.monotonic()
     with _owned_like(path), contextlib.closing(_open_read_only(path)) as connection:
-        _require_intact(connection, pragma, f'the database {path}',
-                        f'it is not served: {RESTORE_HINT}')
+        _require_intact(connection, 'quick_check', f'the database {path}', then)
     return time.monotonic() - started
 
 
@@ -338,12 +341,13 @@ def _on_server(command, url):
     """PostgreSQL and MariaDB keep and check their own storage: `check` reads the schema
     version; `backup` and `restore` say which of the server's tools to use."""
     engine = url.split(':', 1)[0].split('+', 1)[0].replace('postgresql', 'postgres')
-    name, copies, checks = SERVER_TOOLS[engine]
+    name, tools = SERVER_TOOLS[engine]
     if command != 'check':
-        raise BackupError(f'on {name} the server keeps the data: {command} it with {copies} '
-                          '(docs/backup.md); this command copies SQLite files only')
+        raise BackupError(f'on {name} the server keeps the data: use {tools[command]} '
+                          f'(docs/backup.md); `python models.py {command}` copies SQLite '
+                          'files only')
     models.connect(url)
     with models.db.connection_context():
         version = models.schema_version()
     return (f'{name} answers, schema version {version}; its storage is checked by the '
-            f'server itself ({checks})')
+            f'server itself ({tools["check"]})')

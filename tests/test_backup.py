@@ -328,11 +328,12 @@ def test_on_a_server_backup_and_restore_name_its_tools_and_check_says_what_it_ch
     if database_url.startswith('sqlite'):
         pytest.skip('SQLite: backups of its file are tested above')
     models.db.close()
-    tools = 'pg_dump' if database_url.startswith('postgres') else 'mariadb-dump'
-    for command in ('backup', 'restore'):
+    tools = (['pg_dump', 'pg_restore'] if database_url.startswith('postgres') else
+             ['mariadb-dump', 'the mariadb client'])
+    for command, tool in zip(('backup', 'restore'), tools):
         result = run(command, str(tmp_path / 'x.db'), url=database_url)
         assert (result.returncode, result.stdout, len(lines(result.stderr))) == (1, '', 1)
-        assert tools in result.stderr and 'docs/backup.md' in result.stderr
+        assert tool in result.stderr and 'docs/backup.md' in result.stderr
     assert not (tmp_path / 'x.db').exists()
     checked = run('check', url=database_url)
     assert checked.returncode == 0 and len(lines(checked.stdout)) == 1, checked.stderr
