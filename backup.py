@@ -73,8 +73,12 @@ def check(path, then=RESTORE_HINT):
     """Run quick_check on the SQLite file at `path`, read-only; returns the seconds it took,
     or raises DatabaseCorrupt, whose message ends with `then`."""
     started = time.monotonic()
-    with _owned_like(path), contextlib.closing(_open_read_only(path)) as connection:
-        _require_intact(connection, 'quick_check', f'the database {path}', then)
+    try:
+        with _owned_like(path), contextlib.closing(_open_read_only(path)) as connection:
+            _require_intact(connection, 'quick_check', f'the database {path}', then)
+    except sqlite3.Error as error:  # it could not be opened: unreadable, or locked
+        raise BackupError(f'cannot check the database {path}: {_error_name(error)} '
+                          f'({error})') from None
     return time.monotonic() - started
 
 
