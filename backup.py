@@ -51,13 +51,9 @@ class DatabaseCorrupt(BackupError):
 # --- Checks -----------------------------------------------------------------------------------
 
 def sqlite_path(url):
-    """The file of a sqlite:// URL, None for a server's URL; BackupError for `:memory:`."""
-    if not url.startswith('sqlite'):
-        return None
-    path = db_url.parse(url)['database']
-    if path in ('', ':memory:'):
-        raise BackupError('the database is in memory: there is nothing to check or copy')
-    return os.path.abspath(path)
+    """The file of a sqlite:// URL; None for a server's URL or a database in memory."""
+    path = db_url.parse(url)['database'] if url.startswith('sqlite') else ''
+    return os.path.abspath(path) if path not in ('', ':memory:') else None
 
 
 def check_at_start(url):
@@ -96,7 +92,7 @@ def _require_intact(connection, pragma, what, then):
         problems = [row[0] for row in connection.execute(f'PRAGMA {pragma}')]
     except sqlite3.DatabaseError as error:
         if not _error_name(error).startswith(('SQLITE_CORRUPT', 'SQLITE_NOTADB')):
-            raise BackupError(f'cannot check {what}: {_error_name(error)} ({error})') from None
+            raise
         problems = [_error_name(error)]
     if problems != ['ok']:
         first = f'{len(problems)} problems, the first: ' if len(problems) > 1 else ''
@@ -222,7 +218,7 @@ def _fsync(path):
 
 # --- Restore ----------------------------------------------------------------------------------
 
-def restore(path, snapshot, *, now=None):
+def restore(path, snapshot):
     """Put the snapshot at `path`, with the service stopped: check it, move the current
     database and its -wal and -shm (and Litestream's local state) aside, and put a copy of
     the snapshot in their place. Returns (schema version, people, names moved aside)."""
@@ -234,8 +230,7 @@ def restore(path, snapshot, *, now=None):
     if os.path.exists(f'{snapshot}-wal') and os.path.getsize(f'{snapshot}-wal'):
         raise BackupError(f'{snapshot} has a -wal beside it: it is a copy of a live database, '
                           'not a snapshot; take one with `python models.py backup FILE`')
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)  # an empty volume's first restore
+    os.makedirs(os.path.dirname(path), exist_ok=True)  # an empty volume's first restore
     with _temporary_beside(path) as temporary:
         shutil.copyfile(snapshot, temporary)
         with contextlib.closing(sqlite3.connect(temporary, isolation_level=None)) as copy:
@@ -246,9 +241,8 @@ def restore(path, snapshot, *, now=None):
                               'release that made it')
         _take_ownership_of(temporary, path)
         with _nobody_using(path):
-            moved = _move_aside(path, 'replaced', now)
+            moved = _move_aside(path, 'replaced')
             _publish(temporary, path, replace=True)
-    _fsync(folder)
     return version, people, moved
 
 
@@ -285,20 +279,20 @@ def _nobody_using(path):
         yield
 
 
-def _move_aside(path, reason, now=None):
+def _move_aside(path, reason):
     """Rename the database's files to `<name>.<reason>-<UTC time>`, the WAL and shared
     memory before the database: a crash in between must never leave a database file
     beside a WAL that is not its own. Returns the new names."""
-    stamp = (now or datetime.datetime.now(datetime.timezone.utc)).strftime('%Y%m%dT%H%M%SZ')
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
     folder, name = os.path.split(path)
-    litestream_state = os.path.join(folder, f'.{name}-litestream')
-    moved = []
-    for old in (f'{path}-wal', f'{path}-shm', path, litestream_state):
-        if os.path.lexists(old):
-            new = f'{old}.{reason}-{stamp}'
-            os.rename(old, new)
-            moved.append(new)
-    return moved
+    present = [old for old in (f'{path}-wal', f'{path}-shm', path,
+                               os.path.join(folder, f'.{name}-litestream'))
+               if os.path.lexists(old)]
+    if any(os.path.lexists(f'{old}.{reason}-{stamp}') for old in present):
+        raise BackupError(f'files named {reason}-{stamp} exist already: try again in a second')
+    for old in present:
+        os.rename(old, f'{old}.{reason}-{stamp}')
+    return [f'{old}.{reason}-{stamp}' for old in present]
 
 
 # --- Command line -----------------------------------------------------------------------------
@@ -325,6 +319,8 @@ def main(argv):
 
 def _run(command, url, *arguments, force):
     path = sqlite_path(url)
+    if path is None and url.startswith('sqlite'):
+        raise BackupError('the database is in memory: there is nothing to check or copy')
     if path is None:
         return _on_server(command, url)
     if command == 'check':
