@@ -50,8 +50,8 @@ def played_copy(documents, host_port):
         pod['hostAliases'] = [{'ip': '127.0.0.1',
                                'hostnames': [configmap_env(documents)['SMTP_HOST']]}]
         for container in pod['containers']:
-            container.pop('readinessProbe', None)
-            container.pop('livenessProbe', None)
+            for probe in ('startupProbe', 'readinessProbe', 'livenessProbe'):
+                container.pop(probe, None)
             for port in container.get('ports', []):
                 port.update(hostIP='127.0.0.1', hostPort=host_port)
     return played

@@ -93,7 +93,8 @@ def test_the_container_port_is_the_images():
 
 
 @one_engine  # the deployment's engine
-@pytest.mark.parametrize('probe, path', [('readinessProbe', '/readyz'),
+@pytest.mark.parametrize('probe, path', [('startupProbe', '/healthz'),
+                                         ('readinessProbe', '/readyz'),
                                          ('livenessProbe', '/healthz')])
 def test_probes_ask_the_apps_health_routes(client, probe, path):
     check = api_container()[probe]['httpGet']
@@ -225,3 +226,8 @@ def test_the_replicas_url_comes_from_an_optional_secret_over_the_demos():
     assert secret['secretRef'] == {'name': 'personapi-litestream', 'optional': True}
     snapshots = litestream_configuration()['snapshot']
     assert (snapshots['interval'], snapshots['retention']) == ('1h', '24h')  # personal-data.md
+
+
+def test_the_start_has_minutes_to_check_the_database_before_liveness_counts():
+    startup = api_container()['startupProbe']
+    assert startup['periodSeconds'] * startup['failureThreshold'] >= 300
