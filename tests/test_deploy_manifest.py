@@ -78,7 +78,7 @@ def test_node_ports_are_the_readmes():
 
 
 def test_one_writer_on_the_sqlite_volume():
-    (claim,) = objects('PersistentVolumeClaim')
+    claim = one('PersistentVolumeClaim', 'personapi-data')
     spec = one('Deployment', 'personapi')['spec']
     assert claim['spec']['accessModes'] == ['ReadWriteOnce']
     assert spec['replicas'] == 1
@@ -93,7 +93,8 @@ def test_the_container_port_is_the_images():
 
 
 @one_engine  # the deployment's engine
-@pytest.mark.parametrize('probe, path', [('readinessProbe', '/readyz'),
+@pytest.mark.parametrize('probe, path', [('startupProbe', '/healthz'),
+                                         ('readinessProbe', '/readyz'),
                                          ('livenessProbe', '/healthz')])
 def test_probes_ask_the_apps_health_routes(client, probe, path):
     check = api_container()[probe]['httpGet']
@@ -110,7 +111,7 @@ def test_the_database_lives_on_the_claimed_volume():
     volumes = {v['name']: v for v in one('Deployment', 'personapi')['spec']['template']['spec']
                ['volumes']}
     claim = volumes[mounts[database_dir]]['persistentVolumeClaim']['claimName']
-    assert claim == objects('PersistentVolumeClaim')[0]['metadata']['name']
+    assert claim == 'personapi-data'
 
 
 def test_tmp_is_writable_on_the_read_only_root():
@@ -158,13 +159,22 @@ def test_the_pod_runs_as_the_images_user_locked_down():
     assert pod['securityContext']['seccompProfile'] == {'type': 'RuntimeDefault'}
 
 
-def test_only_chown_runs_as_root_to_hand_the_volume_to_the_images_user():
-    uid = int(re.search(r'^USER (\d+)', DOCKERFILE, re.MULTILINE)[1])
+def init_containers():
+    """The API pod's init containers by name, in the order they start."""
     pod = one('Deployment', 'personapi')['spec']['template']['spec']
-    (init,) = pod['initContainers']
+    return {container['name']: container for container in pod['initContainers']}
+
+
+def test_only_chown_runs_as_root_to_hand_the_volumes_to_the_images_user():
+    uid = int(re.search(r'^USER (\d+)', DOCKERFILE, re.MULTILINE)[1])
+    init = init_containers()['data-owner']
+    assert [name for name, container in init_containers().items()
+            if container['securityContext'].get('runAsUser') == 0] == ['data-owner']
     assert init['image'] == api_container()['image']
-    assert init['volumeMounts'] == [{'name': 'data', 'mountPath': '/data'}]
-    assert init['command'][-1].endswith(f'|| chown {uid}:{uid} /data')
+    assert init['volumeMounts'] == [{'name': 'data', 'mountPath': '/data'},
+                                    {'name': 'replica', 'mountPath': '/replica'}]
+    assert init['command'][-1].startswith('for folder in /data /replica;')
+    assert f'|| chown {uid}:{uid} $folder; done' in init['command'][-1]
     context = init['securityContext']
     assert context['capabilities'] == {'drop': ['ALL'], 'add': ['CHOWN']}
     assert context['readOnlyRootFilesystem'] is True
@@ -175,3 +185,49 @@ def test_the_mail_catcher_runs_a_release_with_the_crash_fix():
     (container,) = one('Deployment', 'mailpit')['spec']['template']['spec']['containers']
     version = tuple(map(int, container['image'].rpartition(':v')[2].split('.')))
     assert version >= (1, 34, 0)  # GHSA-v887-64wg-qqc9
+
+
+def litestream_configuration():
+    return yaml.safe_load(one('ConfigMap', 'personapi-litestream')['data']['litestream.yml'])
+
+
+def test_litestream_replicates_the_database_as_a_sidecar_of_the_same_image():
+    names = list(init_containers())
+    assert names == ['data-owner', 'restore', 'litestream']  # the volume's owner, then its data
+    sidecar = init_containers()['litestream']
+    assert sidecar['restartPolicy'] == 'Always'  # a sidecar: up before the API, down after it
+    assert sidecar['image'] == api_container()['image']
+    assert sidecar['command'] == ['litestream', 'replicate', '-config',
+                                  '/etc/litestream/litestream.yml']
+    (database,) = litestream_configuration()['dbs']
+    assert 'sqlite:///' + database['path'] == configmap()['DATABASE_URL']
+    assert sidecar['securityContext'] == api_container()['securityContext']
+
+
+def test_an_empty_volume_is_restored_from_the_replica_before_the_api_starts():
+    restore = init_containers()['restore']
+    assert restore['command'][:2] == ['litestream', 'restore']
+    assert {'-if-db-not-exists', '-if-replica-exists'} <= set(restore['command'])
+    (database,) = litestream_configuration()['dbs']
+    assert restore['command'][-1] == database['path']
+    assert 'restartPolicy' not in restore  # it runs to its end before the next starts
+    assert restore['volumeMounts'] == init_containers()['litestream']['volumeMounts']
+    assert {'name': 'data', 'mountPath': '/data'} in restore['volumeMounts']
+
+
+def test_the_replicas_url_comes_from_an_optional_secret_over_the_demos():
+    (database,) = litestream_configuration()['dbs']
+    assert database['replica']['url'] == '${LITESTREAM_REPLICA_URL}'
+    sources = init_containers()['litestream']['envFrom']
+    assert sources == init_containers()['restore']['envFrom']
+    default, secret = sources  # the later source wins
+    assert one('ConfigMap', default['configMapRef']['name'])['data'] == {
+        'LITESTREAM_REPLICA_URL': 'file:///replica/persons.db'}
+    assert secret['secretRef'] == {'name': 'personapi-litestream', 'optional': True}
+    snapshots = litestream_configuration()['snapshot']
+    assert (snapshots['interval'], snapshots['retention']) == ('1h', '24h')  # personal-data.md
+
+
+def test_the_start_has_minutes_to_check_the_database_before_liveness_counts():
+    startup = api_container()['startupProbe']
+    assert startup['periodSeconds'] * startup['failureThreshold'] >= 300
