@@ -134,9 +134,16 @@ def assert_same_output(expected, actual, command):
     actual_head, _, actual_body = actual.partition('\n\n')
     (status, *shown), (actual_status, *headers) = expected_head.split('\n'), actual_head.split('\n')
     assert (actual_status, actual_body) == (status, expected_body), command
-    listed = [line for line in shown if line != ELIDED]
-    assert {line.lower() for line in listed} <= {line.lower() for line in headers}, command
-    assert (ELIDED in shown) == (len(listed) < len(headers)), f'{command}: mark elided headers'
+    assert headers_shown(shown).fullmatch(''.join(f'{line.lower()}\n' for line in headers)), (
+        f'{command}: the headers shown, in the order sent, with {ELIDED} where some are left out:'
+        f'\n' + '\n'.join(headers))
+
+
+def headers_shown(shown):
+    """A pattern for the headers a sample shows: each line as written (names in any case),
+    in order, and an ELIDED line for one or more left out."""
+    return re.compile(''.join(r'(?:[^\n]*\n)+' if line == ELIDED else re.escape(f'{line.lower()}\n')
+                              for line in shown))
 
 
 def test_the_readme_shows_curl_examples():
