@@ -17,8 +17,9 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PIP) -r requirements-dev.txt
 	touch $@
 
+# config.py checks every setting, gunicorn's too, before gunicorn starts (see its docstring).
 run: $(BIN)/.installed  ## serve the API on 127.0.0.1:8000 (another port: PORT=8001; SQLite in data/)
-	$(BIN)/gunicorn --bind 127.0.0.1:$(PORT) personapi:app
+	$(BIN)/python config.py $(BIN)/gunicorn --bind 127.0.0.1:$(PORT) personapi:app
 
 test: $(BIN)/.installed  ## the whole test suite
 	$(BIN)/pytest -q tests

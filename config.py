@@ -1,5 +1,10 @@
 """Every setting of the service, read from the environment in this one place and checked
-when it is read: a bad value stops the service at start with one line naming it."""
+when it is read: a bad value stops the service at start with one line naming it.
+
+`python config.py [COMMAND ...]` checks every setting, then runs COMMAND in its place:
+`make run` and the image start gunicorn so, since gunicorn reads WEB_CONCURRENCY and
+FORWARDED_ALLOW_IPS when it is imported, before gunicorn.conf.py can check them.
+"""
 
 import dataclasses
 import email.policy
@@ -174,3 +179,9 @@ class Config:
     def variables(cls):
         """The names of every environment variable the service reads."""
         return [field.name.upper() for field in dataclasses.fields(cls)]
+
+
+if __name__ == '__main__':
+    Config.from_env_or_exit()
+    if sys.argv[1:]:
+        os.execvp(sys.argv[1], sys.argv[1:])

@@ -7,6 +7,7 @@ master does it before forking.
 
 import collections
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -317,7 +318,11 @@ def _require_writable_folder(folder):
     try:
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()  # the real test: access() can be fooled
-    except OSError:
+    except OSError as error:
+        if error.errno == errno.EROFS:  # no owner or mode can help there
+            raise FolderNotWritable(
+                f'the database folder {folder} is on a read-only filesystem: mount it '
+                f'read-write, or point DATABASE_URL at a writable folder') from None
         raise FolderNotWritable(
             f'the database folder {folder} is not writable by UID {os.getuid()}: give that '
             f'user write access to it (for a volume: chown {os.getuid()} on it, or the '

@@ -1,7 +1,9 @@
 """Settings: every variable is checked when it is read, and a bad one stops the service
 with one line that names it, before any worker starts."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,3 +80,39 @@ def test_the_operator_commands_refuse_a_bad_setting_in_one_line(command):
     assert result.returncode == 2
     assert result.stderr.strip() == ("personapi: SMTP_PORT='twenty-five' is not valid: "
                                      'expected a port from 1 to 65535')
+
+
+# What gunicorn reads when it is imported, before gunicorn.conf.py runs.
+GUNICORNS_OWN = [('WEB_CONCURRENCY', 'abc'), ('WEB_CONCURRENCY', '-1'),
+                 ('FORWARDED_ALLOW_IPS', '10.0.0.300')]
+IMAGE_COMMAND = json.loads(re.search(r'^CMD (.*)$', (ROOT / 'Dockerfile').read_text(),
+                                     re.MULTILINE).group(1))
+
+
+@pytest.mark.parametrize('name, value', GUNICORNS_OWN)
+@pytest.mark.parametrize('start', ['make run', 'the image'])
+def test_the_start_commands_check_gunicorns_own_settings_first(tmp_path, start, name, value):
+    command = (['make', '-s', 'run', f'PORT={free_port()}'] if start == 'make run'
+               else IMAGE_COMMAND)
+    bin_folder = os.path.dirname(sys.executable)  # the image has its venv first on PATH
+    env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/persons.db', name: value,
+           'PATH': f'{bin_folder}:{os.environ["PATH"]}'}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    with pytest.raises(ConfigError) as refused:
+        Config.from_env({name: value})
+    # make adds a line of its own ("make: *** [Makefile:..: run] Error 2")
+    assert [line for line in result.stderr.splitlines() if not line.startswith('make: ')] == [
+        f'personapi: {refused.value}']
+    assert not (tmp_path / 'persons.db').exists()
+
+
+@pytest.mark.parametrize('name, value', GUNICORNS_OWN)
+def test_a_bare_gunicorn_prints_for_its_own_settings_what_the_docs_say(tmp_path, name, value):
+    env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/persons.db', name: value}
+    result = subprocess.run([sys.executable, '-m', 'gunicorn', 'personapi:app'], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1
+    assert f'`{name}={value}`: `{last_line}`' in (ROOT / 'docs' / 'operating.md').read_text()
