@@ -224,7 +224,7 @@ MODELS = [Person, IdempotencyKey, Outbox, SchemaVersion]
 _statements = {}
 
 
-class _WriterQueue:
+class WriterQueue:
     """SQLite admits one writer at a time, and its busy handler sleeps up to 100 ms per
     try. Writers queue here instead, where the next one wakes at once: the threads of a
     process on a lock, the processes on an flock of a file beside the database (its name
@@ -272,7 +272,7 @@ class _WriterQueue:
         self._threads.release()
 
 
-_sqlite_writers = _WriterQueue()
+_sqlite_writers = WriterQueue()
 
 
 def email_key(email):

@@ -20,6 +20,7 @@ import metrics
 import models
 import names
 import outbox
+import ratelimit
 from config import Config, parse_networks, rate_limiting_enabled
 from docs import (ASSETS_PATH, JSON, MAX_IDEMPOTENCY_KEY, MAX_PERSON_ID, MERGE_PATCH,
                   PERSON_FIELDS, DocsAsset, DocsPage, Index, OpenAPI, openapi_document)
@@ -416,9 +417,15 @@ class Health:
 
 
 class Readiness:
+    def __init__(self, limiter=None):
+        self._limiter = limiter
+
     def on_get(self, req, resp):
         db.execute_sql('SELECT 1')  # a failure is the database handler's 503
         resp.media = {'status': 'ready'}
+        # Still ready: writes go on unlimited (ratelimit.py), and every replica shares the store.
+        if self._limiter and not self._limiter.storage_answers():
+            resp.media['rate_limit'] = 'storage unreachable: writes are not limited'
 
 
 # --- Assembly -------------------------------------------------------------------------------
@@ -428,9 +435,12 @@ def create_app(config, courier):
     router = Router()
     middleware = [metrics.RequestMetrics(router, count=config.metrics), RequestId(),
                   SecurityHeaders()]
+    limiter = None
     if rate_limiting_enabled(config.rate_limit):
-        middleware.append(RateLimit(config.rate_limit, config.rate_limit_storage,
-                                    parse_networks(config.forwarded_allow_ips)))
+        limiter = ratelimit.Limiter(config.rate_limit,
+                                    ratelimit.open_storage(config.rate_limit_storage),
+                                    metrics.RATE_LIMIT_UNCHECKED.inc)
+        middleware.append(RateLimit(limiter, parse_networks(config.forwarded_allow_ips)))
     if config.api_token:
         middleware.append(BearerToken(config.api_token))
     if not models.is_sqlite():
@@ -446,7 +456,7 @@ def create_app(config, courier):
                                               config.body_timeout))
     app.add_route(PERSON_ROUTE, PersonItem(config.require_if_match, config.body_timeout))
     app.add_route('/healthz', Health())
-    app.add_route('/readyz', Readiness())
+    app.add_route('/readyz', Readiness(limiter))
     app.add_route('/openapi.json', OpenAPI(openapi_document()))
     app.add_route('/', Index())
     app.add_route('/docs', DocsPage())

@@ -22,7 +22,8 @@ BAD_VALUES = [
     ('MAIL_MAX_BACKOFF', '0'), ('MAIL_MAX_BACKOFF', '0.5'), ('MAIL_CONCURRENCY', '0'),
     ('MAIL_CONCURRENCY', '1.5'), ('MAIL_GIVE_UP_AFTER', '0'), ('MAIL_FAILED_RETENTION', '-5'),
     ('RATE_LIMIT', '2/fortnight'), ('RATE_LIMIT', 'lots'), ('RATE_LIMIT_STORAGE', 'redis'),
-    ('RATE_LIMIT_STORAGE', 'postgres://x'), ('API_TOKEN', 'two words'), ('API_TOKEN', 'tökén'),
+    ('RATE_LIMIT_STORAGE', 'postgres://x'), ('RATE_LIMIT_STORAGE', 'memory://'),
+    ('RATE_LIMIT_STORAGE', 'redis://cache:port/0'), ('API_TOKEN', 'two words'), ('API_TOKEN', 'tökén'),
     ('BODY_TIMEOUT', '-1'), ('BODY_TIMEOUT', '0'), ('HEADER_TIMEOUT', '0'), ('HEADER_TIMEOUT', 'nan'),
     ('FORWARDED_ALLOW_IPS', '10.0.0.300'),
     ('FORWARDED_ALLOW_IPS', 'proxy.example'), ('WEB_CONCURRENCY', '-1'),
@@ -50,7 +51,8 @@ def test_every_variable_has_a_bad_value_in_the_table():
     {'MAIL_FROM': 'Zoë Service <zoe@example.com>', 'RATE_LIMIT': 'off', 'API_TOKEN': 'x-Y_9.z'},
     {'RATE_LIMIT': '10/second', 'RATE_LIMIT_STORAGE': 'redis://127.0.0.1:6379/0',
      'FORWARDED_ALLOW_IPS': '10.0.0.0/8, 127.0.0.1', 'DATABASE_URL': 'mysql+pool://u@h/db'},
-    {'FORWARDED_ALLOW_IPS': '*', 'MAIL_MAX_BACKOFF': '1.5', 'WEB_CONCURRENCY': '0'},
+    {'FORWARDED_ALLOW_IPS': '*', 'MAIL_MAX_BACKOFF': '1.5', 'WEB_CONCURRENCY': '0',
+     'RATE_LIMIT_STORAGE': 'instance://'},
     {'REQUIRE_IF_MATCH': '1', 'IDEMPOTENCY_TTL': '90.5'},
 ])
 def test_good_settings_are_taken(environ):
