@@ -43,8 +43,9 @@ $(BIN)/.installed-deploy: $(BIN)/.installed deploy/requirements.txt
 deploy-check: $(BIN)/.installed-deploy  ## build and run the image, play deploy.yaml (as root)
 	PATH="$(CURDIR)/$(BIN):$$PATH" deploy/check.sh
 
-clean:  ## remove the virtualenv, the local database and caches
-	rm -rf $(VENV) data .pytest_cache
+clean:  ## remove what the targets made (virtualenv, local database, caches, bench/work): a fresh clone's tree
+	rm -rf $(VENV) data .pytest_cache .hypothesis bench/work
+	find . \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
 
 $(BIN)/.installed-bench: $(BIN)/.installed bench/requirements.txt
 	$(PIP) -r bench/requirements.txt

@@ -5,6 +5,7 @@ the README and of the pages under docs/, each run against a live service."""
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -280,3 +281,62 @@ def port_open(port):
         return True
     except OSError:
         return False
+
+
+# --- The operator's commands, as written --------------------------------------------------
+
+# A project script run by a Python: `.venv/bin/python mailer.py status`, `python models.py ...`
+PYTHON_COMMAND = re.compile(r'([\w./]*python3?) ((?:bench/)?\w+\.py[^`#\n]*)')
+VENV_PYTHON = '.venv/bin/python'
+# The ones that change nothing, run as written on a fresh database.
+HARMLESS = {'mailer.py status', 'mailer.py failed', 'models.py migrate'}
+
+
+def python_commands():
+    """(page, line, interpreter, script and arguments) for each in the README and docs/."""
+    for page in PAGES:
+        for line in page.read_text(encoding='utf-8').splitlines():
+            for interpreter, command in PYTHON_COMMAND.findall(line):
+                yield page.name, line, interpreter, command.strip()
+
+
+def test_the_docs_run_the_projects_scripts_with_the_virtualenvs_python():
+    """A fresh clone's `python` lacks the dependencies; in the pod `python` is the venv's."""
+    commands = list(python_commands())
+    assert len(commands) >= 6
+    for page, line, interpreter, _ in commands:
+        assert interpreter == VENV_PYTHON or 'kubectl exec' in line, f'{page}: {line}'
+
+
+def test_the_operators_commands_run_as_written(tmp_path):
+    if not (ROOT / VENV_PYTHON).exists():
+        pytest.skip(f'no {VENV_PYTHON}: make test makes it')
+    commands = {command for _, _, interpreter, command in python_commands()
+                if interpreter == VENV_PYTHON and command.strip() in HARMLESS}
+    assert len(commands) == len(HARMLESS)
+    env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/persons.db'}
+    for command in sorted(commands, key=lambda command: 'migrate' not in command):
+        result = subprocess.run(f'{VENV_PYTHON} {command}', shell=True, cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, (command, result.stderr)
+
+
+def test_make_clean_leaves_the_tree_as_a_fresh_clone_has_it(tmp_path):
+    """Whatever .gitignore says the targets and tests make, `make clean` removes."""
+    listed = subprocess.run(['git', 'ls-files', '--cached', '--others', '--exclude-standard'],
+                            cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tree = tmp_path / 'tree'
+    for name in listed:
+        if (ROOT / name).is_file():
+            (tree / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, tree / name)
+    clean = {str(path.relative_to(tree)) for path in tree.rglob('*') if path.is_file()}
+    for pattern in (ROOT / '.gitignore').read_text().split():
+        name = pattern.strip('/').replace('*', 'generated')
+        places = [name] if pattern.startswith('/') else [name, f'tests/{name}']  # anywhere
+        for place in places:
+            made = tree / place / 'generated' if pattern.endswith('/') else tree / place
+            made.parent.mkdir(parents=True, exist_ok=True)
+            made.write_text('made by a target')
+    subprocess.run(['make', '-s', 'clean'], cwd=tree, check=True, timeout=60)
+    assert {str(path.relative_to(tree)) for path in tree.rglob('*') if path.is_file()} == clean
