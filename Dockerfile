@@ -52,5 +52,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 8000
-# Exec form: gunicorn is PID 1 and gets SIGTERM itself, which is its graceful shutdown.
-CMD ["gunicorn", "--config", "gunicorn.conf.py"]
+# config.py checks every setting (gunicorn reads WEB_CONCURRENCY before gunicorn.conf.py can),
+# then execs gunicorn: in exec form gunicorn is PID 1 and gets SIGTERM itself, which is its
+# graceful shutdown.
+CMD ["python", "config.py", "gunicorn", "--config", "gunicorn.conf.py"]

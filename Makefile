@@ -17,8 +17,9 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	$(PIP) -r requirements-dev.txt
 	touch $@
 
+# config.py checks every setting, gunicorn's too, before gunicorn starts (see its docstring).
 run: $(BIN)/.installed  ## serve the API on 127.0.0.1:8000 (another port: PORT=8001; SQLite in data/)
-	$(BIN)/gunicorn --bind 127.0.0.1:$(PORT) personapi:app
+	$(BIN)/python config.py $(BIN)/gunicorn --bind 127.0.0.1:$(PORT) personapi:app
 
 test: $(BIN)/.installed  ## the whole test suite
 	$(BIN)/pytest -q tests
@@ -42,8 +43,9 @@ $(BIN)/.installed-deploy: $(BIN)/.installed deploy/requirements.txt
 deploy-check: $(BIN)/.installed-deploy  ## build and run the image, play deploy.yaml (as root)
 	PATH="$(CURDIR)/$(BIN):$$PATH" deploy/check.sh
 
-clean:  ## remove the virtualenv, the local database and caches
-	rm -rf $(VENV) data .pytest_cache
+clean:  ## remove what the targets made (virtualenv, local database, caches, bench/work): a fresh clone's tree
+	rm -rf $(VENV) data .pytest_cache .hypothesis bench/work
+	find . \( -name __pycache__ -o -name '*.pyc' \) -prune -exec rm -rf {} +
 
 $(BIN)/.installed-bench: $(BIN)/.installed bench/requirements.txt
 	$(PIP) -r bench/requirements.txt

@@ -1,5 +1,10 @@
 """Every setting of the service, read from the environment in this one place and checked
-when it is read: a bad value stops the service at start with one line naming it."""
+when it is read: a bad value stops the service at start with one line naming it.
+
+`python config.py [COMMAND ...]` checks every setting, then runs COMMAND in its place:
+`make run` and the image start gunicorn so, since gunicorn reads WEB_CONCURRENCY and
+FORWARDED_ALLOW_IPS when it is imported, before gunicorn.conf.py can check them.
+"""
 
 import dataclasses
 import email.policy
@@ -8,9 +13,9 @@ import math
 import os
 import re
 import sys
+import urllib.parse
 
 import limits
-import limits.storage
 
 
 class ConfigError(ValueError):
@@ -78,8 +83,12 @@ def _rate_limit(value):
     return not rate_limiting_enabled(value) or _parses(limits.parse)(value)
 
 
+REDIS_SCHEMES = re.compile(r'(redis|rediss|redis\+unix|redis\+sentinel|redis\+cluster)://')
+
+
 def _storage(value):
-    return value.split('://', 1)[0] in limits.storage.SCHEMES and '://' in value
+    return value == 'instance://' or bool(REDIS_SCHEMES.match(value)) and _parses(
+        lambda url: urllib.parse.urlsplit(url).port)(value)
 
 
 DATABASE_SCHEMES = re.compile(r'(sqlite|postgres|postgresql|mysql)(\+pool)?://')
@@ -123,8 +132,8 @@ class Config:
     mail_give_up_after: float = _setting(3 * 24 * 3600.0, 'more than 0 seconds', _positive)
     mail_failed_retention: float = _setting(7 * 24 * 3600.0, 'more than 0 seconds', _positive)
     rate_limit: str = _setting('60/minute', 'off, or a limit such as 60/minute', _rate_limit)
-    rate_limit_storage: str = _setting('memory://', 'memory:// or redis://host:port/db',
-                                       _storage)
+    rate_limit_storage: str = _setting('instance://', "instance:// (this instance's workers "
+                                       'share the counts) or redis://host:port/db', _storage)
     api_token: str = _setting('', 'empty, or visible ASCII characters without spaces',
                               lambda value: value == '' or (value.isascii() and value.isprintable()
                                                             and ' ' not in value))
@@ -174,3 +183,9 @@ class Config:
     def variables(cls):
         """The names of every environment variable the service reads."""
         return [field.name.upper() for field in dataclasses.fields(cls)]
+
+
+if __name__ == '__main__':
+    Config.from_env_or_exit()
+    if sys.argv[1:]:
+        os.execvp(sys.argv[1], sys.argv[1:])

@@ -20,6 +20,14 @@ PERSON_FIELDS = ('first_name', 'last_name', 'email')
 MAX_PERSON_ID = 2**63 - 1  # the largest id every engine's 64-bit integer holds
 MAX_IDEMPOTENCY_KEY = 255  # characters, each visible ASCII
 
+# The document's examples, each a real request on a fresh service (tests/test_docs.py sends
+# them in this order: create, read, patch, replace, delete), with what it answers.
+ADA = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
+EXAMPLE_ID = 1
+EXAMPLE_PATCH = {'last_name': 'King'}
+EXAMPLE_REPLACEMENT = {'first_name': 'Augusta Ada', 'last_name': 'King', 'email': 'ada@example.com'}
+EXAMPLE_REQUEST_ID = '8377f9ada105-1'
+
 
 class OpenAPI:
     def __init__(self, document):
@@ -95,16 +103,37 @@ def _asset(name):
     return (SWAGGER_UI / name).read_bytes()
 
 
+def _error(title, description, **more):
+    return {'title': title, 'description': description, **more, 'request_id': EXAMPLE_REQUEST_ID}
+
+
+# What the person routes answer, as examples: a 404 for the example's id once it is deleted,
+# a 409 for a second Ada, a 422 for {"first_name": "", "email": "nope"}.
+ERROR_EXAMPLES = {
+    404: _error('404 Not Found', f'No person has the id {EXAMPLE_ID}.'),
+    409: _error('E-mail already registered', 'email: another person already uses this address.'),
+    422: _error('Invalid person', 'first_name: must be 1 to 100 characters long.', errors=[
+        {'field': 'first_name', 'message': 'must be 1 to 100 characters long'},
+        {'field': 'last_name', 'message': 'is required'},
+        {'field': 'email', 'message': 'is not a valid address (An email address must have an '
+                                      '@-sign.)'}]),
+}
+
+
 def _error_responses(*statuses):
     descriptions = {400: 'Malformed JSON', 404: 'No such person', 409: 'E-mail already used',
                     413: 'Body too large', 415: 'Not application/json',
-                    422: 'Invalid field (the description names it)', 429: 'Rate limit exceeded',
+                    422: 'Invalid fields: `errors` lists each', 429: 'Rate limit exceeded',
                     401: 'Missing or wrong bearer token', 503: 'Database unavailable',
                     412: 'If-Match names no current version of the person',
                     428: 'If-Match is required (REQUIRE_IF_MATCH)'}
-    return {str(status): {'description': descriptions[status],
-                          'content': {JSON: {'schema': {'$ref': '#/components/schemas/Error'}}}}
-            for status in statuses}
+    responses = {}
+    for status in statuses:
+        content = {'schema': {'$ref': '#/components/schemas/Error'}}
+        if status in ERROR_EXAMPLES:
+            content['example'] = ERROR_EXAMPLES[status]
+        responses[str(status)] = {'description': descriptions[status], 'content': {JSON: content}}
+    return responses
 
 
 def openapi_document():
@@ -112,15 +141,17 @@ def openapi_document():
     email = {'type': 'string', 'format': 'email', 'maxLength': MAX_EMAIL_LENGTH}
     person_input = {'type': 'object', 'additionalProperties': False,
                     'properties': {'first_name': name, 'last_name': name, 'email': email}}
-    person_id = {'type': 'integer', 'minimum': 1, 'maximum': MAX_PERSON_ID}
+    person_id = {'type': 'integer', 'minimum': 1, 'maximum': MAX_PERSON_ID, 'example': EXAMPLE_ID}
 
     def body(ref, *types):
         return {'required': True, 'content': {t: {'schema': {'$ref': ref}} for t in types}}
 
-    def ok(description, ref=None, **extra):
+    def ok(description, ref=None, example=None, **extra):
         response = {'description': description, **extra}
         if ref:
             response['content'] = {JSON: {'schema': {'$ref': ref}}}
+        if example:
+            response['content'][JSON]['example'] = example
         return response
 
     def header(name, description, **schema):
@@ -140,7 +171,7 @@ def openapi_document():
                 'parameters': [header('If-None-Match', '304 when the person is at one of '
                                       'these ETags (or `*`)')],
                 'responses': {'200': ok('The person', '#/components/schemas/PersonEmail',
-                                        headers=etag),
+                                        {'id': EXAMPLE_ID, 'email': ADA['email']}, headers=etag),
                               '304': ok('Not modified since the ETag given', headers=etag),
                               **_error_responses(401, 404, 503)}},
         'put': {'summary': 'Replace a person', 'operationId': 'replacePerson',
@@ -148,12 +179,13 @@ def openapi_document():
                 'parameters': [if_match],
                 'requestBody': body('#/components/schemas/PersonReplace', JSON),
                 'responses': {'200': ok('The person as stored', '#/components/schemas/Person',
-                                        headers=etag),
+                                        {'id': EXAMPLE_ID, **EXAMPLE_REPLACEMENT}, headers=etag),
                               **_error_responses(*conditional)}},
         'patch': {'summary': 'Change some fields (JSON merge patch)', 'operationId': 'patchPerson',
                   'parameters': [if_match],
                   'requestBody': body('#/components/schemas/PersonPatch', JSON, MERGE_PATCH),
                   'responses': {'200': ok('The person as stored', '#/components/schemas/Person',
+                                          {'id': EXAMPLE_ID, **ADA, **EXAMPLE_PATCH},
                                           headers=etag),
                                 **_error_responses(*conditional)}},
         'delete': {'summary': 'Delete a person', 'operationId': 'deletePerson',
@@ -169,11 +201,17 @@ def openapi_document():
             '422.', minLength=1, maxLength=MAX_IDEMPOTENCY_KEY, pattern='^[!-~]+$')],
         'requestBody': body('#/components/schemas/PersonCreate', JSON),
         'responses': {'201': ok('Created, or the replay of a request with the same '
-                                'Idempotency-Key', '#/components/schemas/Person', headers={
+                                'Idempotency-Key', '#/components/schemas/Person',
+                                {'id': EXAMPLE_ID, **ADA}, headers={
             'Location': {'schema': {'type': 'string'}, 'description': '/person/{id}'}, **etag,
             'Idempotent-Replayed': {'schema': {'type': 'string', 'enum': ['true']},
                                     'description': 'Present on a replay'}}),
             **_error_responses(409, *writes)}}}
+    problems = {'type': 'array', 'items': {'$ref': '#/components/schemas/Problem'},
+                'description': "A 422's problems, all of them: the body's `id` first, then "
+                               'first_name, last_name and email, then the fields the schema '
+                               "does not know, in the body's order. The description repeats "
+                               'the first.'}
     status = {'type': 'object', 'required': ['status'],
               'properties': {'status': {'type': 'string'}}}
     return {
@@ -204,12 +242,13 @@ def openapi_document():
                          'description': 'Trimmed; at least one letter, digit, punctuation mark '
                                         'or symbol; no control characters, no bidirectional '
                                         'embeddings, overrides or isolates.'},
-                'PersonCreate': {**person_input,
-                                 'required': list(PERSON_FIELDS)},
-                'PersonReplace': {**person_input, 'required': list(PERSON_FIELDS)},
-                'PersonPatch': person_input,
+                'PersonCreate': {**person_input, 'required': list(PERSON_FIELDS),
+                                 'example': ADA},
+                'PersonReplace': {**person_input, 'required': list(PERSON_FIELDS),
+                                  'example': EXAMPLE_REPLACEMENT},
+                'PersonPatch': {**person_input, 'example': EXAMPLE_PATCH},
                 'Person': {'type': 'object', 'additionalProperties': False,
-                           'required': ['id', *PERSON_FIELDS],
+                           'required': ['id', *PERSON_FIELDS], 'example': {'id': EXAMPLE_ID, **ADA},
                            'properties': {'id': person_id, 'first_name': name,
                                           'last_name': name, 'email': email}},
                 'PersonEmail': {'type': 'object', 'additionalProperties': False,
@@ -222,7 +261,13 @@ def openapi_document():
                 'Error': {'type': 'object', 'required': ['title'],
                           'properties': {'title': {'type': 'string'},
                                          'description': {'type': 'string'},
+                                         'errors': problems,
                                          'request_id': {'type': 'string'}}},
+                'Problem': {'type': 'object', 'required': ['field', 'message'],
+                            'properties': {
+                                'field': {'type': 'string', 'nullable': True,
+                                          'description': 'null when the body as a whole is wrong'},
+                                'message': {'type': 'string'}}},
             },
         },
     }

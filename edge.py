@@ -8,16 +8,11 @@ import ipaddress
 import itertools
 import json
 import logging
-import math
 import os
 import re
-import time
 import uuid
 
 import falcon
-import limits
-import limits.storage
-import limits.strategies
 
 import logs
 import metrics
@@ -112,32 +107,20 @@ def client_address(req, trusted_proxies):
 
 
 class RateLimit:
-    """Writes per client address, counted by the `limits` library: 429 past the budget.
+    """Writes per client address, counted by ratelimit.Limiter: 429 past the budget."""
 
-    In-memory storage counts per worker process; a redis:// storage shares one budget
-    between every worker and replica.
-    """
-
-    def __init__(self, limit, storage_uri, trusted_proxies=()):
-        self._limit = limits.parse(limit)
-        self._limiter = limits.strategies.MovingWindowRateLimiter(
-            limits.storage.storage_from_string(storage_uri))
+    def __init__(self, limiter, trusted_proxies=()):
+        self._limiter = limiter
         self._trusted_proxies = trusted_proxies
 
     def process_request(self, req, resp):
         if req.method not in WRITE_METHODS:
             return
-        client = client_address(req, self._trusted_proxies)
-        try:
-            allowed = self._limiter.hit(self._limit, 'writes', client)
-        except Exception:  # storage unreachable: serve rather than refuse everyone
-            log.warning('rate limit storage unavailable (request %s)', req.context.request_id)
-            return
-        if not allowed:
-            reset_at = self._limiter.get_window_stats(self._limit, 'writes', client).reset_time
+        retry_after = self._limiter.hit(client_address(req, self._trusted_proxies))
+        if retry_after is not None:
             raise falcon.HTTPTooManyRequests(
-                description=f'At most {self._limit} writes per client; try again later.',
-                retry_after=max(1, math.ceil(reset_at - time.time())))
+                description=f'At most {self._limiter.limit} writes per client; try again later.',
+                retry_after=retry_after)
 
 
 class ConnectionPerRequest:

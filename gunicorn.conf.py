@@ -26,6 +26,10 @@ if app_config.metrics:
 else:
     os.environ.pop('PROMETHEUS_MULTIPROC_DIR', None)
 
+# RATE_LIMIT_STORAGE=instance://: the workers count writes in one file of this instance's
+# (ratelimit.py), named like the metrics directory.
+rate_limit_file = os.path.join(tempfile.gettempdir(), f'personapi-rate-limit-{os.getpid()}.db')
+
 wsgi_app = 'personapi:app'
 bind = '127.0.0.1:8000'
 # One process per core, several threads each: measured with `make bench` on 2 cores, GET
@@ -92,7 +96,9 @@ def on_starting(server):
     empty metrics directory in the master, once, before any worker exists."""
     import backup
     import models
+    import ratelimit
 
+    ratelimit.share_between_workers(rate_limit_file)
     if server.cfg.reuse_port:
         _share_port_or_not(server.cfg)
     if server.cfg.reuse_port:  # gunicorn's own "Listening at" line has no socket to name
@@ -141,7 +147,10 @@ def child_exit(server, worker):
 
 
 def on_exit(server):
+    import ratelimit
+
     shutil.rmtree(metrics_directory, ignore_errors=True)
+    ratelimit.remove_files(rate_limit_file)
 
 
 def post_worker_init(worker):

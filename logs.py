@@ -143,6 +143,13 @@ class GunicornLogger(glogging.Logger):
             type(handler) in _PLAIN_HANDLERS and not handler.filters for handler in handlers
         ) else None
 
+    def info(self, msg, *args, **kwargs):
+        # With SO_REUSEPORT the master has no socket of its own (each worker opens one), and
+        # gunicorn would print "Listening at:  (pid)": gunicorn.conf.py says where instead.
+        if msg.startswith('Listening at:') and args and not args[0]:
+            return
+        super().info(msg, *args, **kwargs)
+
     def access(self, resp, req, environ, request_time):
         if not self.access_log_enabled:
             return

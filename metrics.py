@@ -65,6 +65,9 @@ MAIL_DELIVERIES = prometheus_client.Counter(
 DATABASE_ERRORS = prometheus_client.Counter(
     'personapi_database_errors', 'Database failures met while serving a request or '
     'delivering mail.', registry=REGISTRY)
+RATE_LIMIT_UNCHECKED = prometheus_client.Counter(
+    'personapi_rate_limit_unchecked_writes', 'Writes let through without a rate-limit check '
+    'because its storage could not be reached (fail-open).', registry=REGISTRY)
 
 # The methods counted by name; any other (a client may send any token) counts as one label,
 # so that no client can grow the number of series.

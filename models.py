@@ -8,6 +8,7 @@ backup.py's.
 
 import collections
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
@@ -226,7 +227,7 @@ MODELS = [Person, IdempotencyKey, Outbox, SchemaVersion]
 _statements = {}
 
 
-class _WriterQueue:
+class WriterQueue:
     """SQLite admits one writer at a time, and its busy handler sleeps up to 100 ms per
     try. Writers queue here instead, where the next one wakes at once: the threads of a
     process on a lock, the processes on an flock of a file beside the database (its name
@@ -274,7 +275,7 @@ class _WriterQueue:
         self._threads.release()
 
 
-_sqlite_writers = _WriterQueue()
+_sqlite_writers = WriterQueue()
 
 
 def email_key(email):
@@ -320,7 +321,11 @@ def _require_writable_folder(folder):
     try:
         os.makedirs(folder, exist_ok=True)
         tempfile.TemporaryFile(dir=folder).close()  # the real test: access() can be fooled
-    except OSError:
+    except OSError as error:
+        if error.errno == errno.EROFS:  # no owner or mode can help there
+            raise FolderNotWritable(
+                f'the database folder {folder} is on a read-only filesystem: mount it '
+                f'read-write, or point DATABASE_URL at a writable folder') from None
         raise FolderNotWritable(
             f'the database folder {folder} is not writable by UID {os.getuid()}: give that '
             f'user write access to it (for a volume: chown {os.getuid()} on it, or the '

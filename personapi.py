@@ -20,6 +20,7 @@ import metrics
 import models
 import names
 import outbox
+import ratelimit
 from config import Config, parse_networks, rate_limiting_enabled
 from docs import (ASSETS_PATH, JSON, MAX_IDEMPOTENCY_KEY, MAX_PERSON_ID, MERGE_PATCH,
                   PERSON_FIELDS, DocsAsset, DocsPage, Index, OpenAPI, openapi_document)
@@ -128,8 +129,23 @@ def _too_large():
 
 # --- Validation -----------------------------------------------------------------------------
 
+class UnprocessableFields(falcon.HTTPUnprocessableEntity):
+    """422 listing every problem found, each as {"field": ..., "message": ...}; the
+    description says the first, as `field: message.`"""
+
+    def __init__(self, title, problems, description=None):
+        field, message = problems[0]
+        super().__init__(title=title, description=description or f'{field}: {message}.')
+        self.problems = problems
+
+    def to_dict(self, obj_type=dict):
+        body = super().to_dict(obj_type)
+        body['errors'] = [{'field': field, 'message': message} for field, message in self.problems]
+        return body
+
+
 def _invalid(field, problem):
-    return falcon.HTTPUnprocessableEntity(title='Invalid person', description=f'{field}: {problem}.')
+    return UnprocessableFields('Invalid person', [(field, problem)])
 
 
 def clean_name(field, value):
@@ -164,28 +180,36 @@ CLEANERS = {'first_name': lambda value: clean_name('first_name', value),
 
 
 def clean_person(body, *, person_id=None, partial=False):
-    """The model fields a request body sets; raises 422 naming the first bad field.
+    """The model fields a request body sets; raises 422 listing every bad field: `id`
+    first, as in a person's document, then the schema's fields in its order, then the
+    fields it does not know, in the body's order.
 
     `person_id` is the path's id, which the body may repeat; `partial` allows any subset
     of the fields (a merge patch), but never a null one, since every field is required.
     """
     if not isinstance(body, dict):
-        raise falcon.HTTPUnprocessableEntity(title='Invalid person',
-                                             description='The body must be a JSON object.')
-    for field in body:
-        if field not in PERSON_FIELDS and not (field == 'id' and person_id is not None):
-            raise _invalid(field, 'is not a known field')
-    if 'id' in body and not (type(body['id']) is int and body['id'] == person_id):
-        raise _invalid('id', "must equal the id in the path")
-    fields = {}
+        raise UnprocessableFields('Invalid person', [(None, 'must be a JSON object')],
+                                  description='The body must be a JSON object.')
+    problems, fields = [], {}
+    if 'id' in body and not (person_id is not None and type(body['id']) is int
+                             and body['id'] == person_id):
+        problems.append(('id', 'must equal the id in the path' if person_id is not None
+                         else 'is not a known field'))
     for field in PERSON_FIELDS:
         if field not in body:
             if not partial:
-                raise _invalid(field, 'is required')
+                problems.append((field, 'is required'))
         elif body[field] is None:
-            raise _invalid(field, 'is required and cannot be null')
+            problems.append((field, 'is required and cannot be null'))
         else:
-            fields[field] = CLEANERS[field](body[field])
+            try:
+                fields[field] = CLEANERS[field](body[field])
+            except UnprocessableFields as invalid:
+                problems.extend(invalid.problems)
+    problems.extend((field, 'is not a known field') for field in body
+                    if field not in PERSON_FIELDS and field != 'id')
+    if problems:
+        raise UnprocessableFields('Invalid person', problems)
     if 'email' in fields:
         fields['email_key'] = models.email_key(fields['email'])
     return fields
@@ -210,6 +234,17 @@ def _conflict():
 
 def _not_found(person_id):
     return falcon.HTTPNotFound(description=f'No person has the id {person_id}.')
+
+
+def handle_route_not_found(req, resp, error, params):
+    """Say why no route serves the path: a person's id written another way (the router's
+    converter takes only the canonical form), or a path the API does not have."""
+    if req.path.startswith('/person/') and '/' not in req.path[len('/person/'):]:
+        raise falcon.HTTPNotFound(description=(
+            f"A person's id is a whole number from 1 to {MAX_PERSON_ID}, written in decimal "
+            'without sign, leading zeros or separators, such as /person/12.'))
+    raise falcon.HTTPNotFound(description='No route serves this path; /openapi.json lists '
+                                          'those there are.')
 
 
 # --- Conditional requests (RFC 9110) and Idempotency-Key ------------------------------------
@@ -316,10 +351,9 @@ class PersonCollection:
         if record is None:
             return False
         if record.fingerprint != fingerprint:
-            raise falcon.HTTPUnprocessableEntity(
-                title='Idempotency-Key reused',
-                description='Idempotency-Key: this key came with another body; '
-                            'send a new key for a new request.')
+            raise UnprocessableFields('Idempotency-Key reused', [(
+                'Idempotency-Key', 'this key came with another body; send a new key for a new '
+                                   'request')])
         _created(resp, record.person_id, record.response)
         resp.set_header('Idempotent-Replayed', 'true')
         return True
@@ -383,9 +417,15 @@ class Health:
 
 
 class Readiness:
+    def __init__(self, limiter=None):
+        self._limiter = limiter
+
     def on_get(self, req, resp):
         db.execute_sql('SELECT 1')  # a failure is the database handler's 503
         resp.media = {'status': 'ready'}
+        # Still ready: writes go on unlimited (ratelimit.py), and every replica shares the store.
+        if self._limiter and not self._limiter.storage_answers():
+            resp.media['rate_limit'] = 'storage unreachable: writes are not limited'
 
 
 # --- Assembly -------------------------------------------------------------------------------
@@ -395,9 +435,12 @@ def create_app(config, courier):
     router = Router()
     middleware = [metrics.RequestMetrics(router, count=config.metrics), RequestId(),
                   SecurityHeaders()]
+    limiter = None
     if rate_limiting_enabled(config.rate_limit):
-        middleware.append(RateLimit(config.rate_limit, config.rate_limit_storage,
-                                    parse_networks(config.forwarded_allow_ips)))
+        limiter = ratelimit.Limiter(config.rate_limit,
+                                    ratelimit.open_storage(config.rate_limit_storage),
+                                    metrics.RATE_LIMIT_UNCHECKED.inc)
+        middleware.append(RateLimit(limiter, parse_networks(config.forwarded_allow_ips)))
     if config.api_token:
         middleware.append(BearerToken(config.api_token))
     if not models.is_sqlite():
@@ -408,11 +451,12 @@ def create_app(config, courier):
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
     app.add_error_handler(models.DATABASE_DOWN, handle_database_down)
+    app.add_error_handler(falcon.HTTPRouteNotFound, handle_route_not_found)
     app.add_route('/person', PersonCollection(courier, config.idempotency_ttl,
                                               config.body_timeout))
     app.add_route(PERSON_ROUTE, PersonItem(config.require_if_match, config.body_timeout))
     app.add_route('/healthz', Health())
-    app.add_route('/readyz', Readiness())
+    app.add_route('/readyz', Readiness(limiter))
     app.add_route('/openapi.json', OpenAPI(openapi_document()))
     app.add_route('/', Index())
     app.add_route('/docs', DocsPage())

@@ -2,6 +2,7 @@
 
 import asyncio
 import collections
+import contextlib
 import email
 import email.policy
 import json
@@ -193,3 +194,58 @@ class Service:
 
     def request(self, method, path, body=None, **options):
         return http(method, self.url + path, body, **options)
+
+
+class TcpProxy:
+    """A TCP proxy on loopback to `target` (host, port), which a test can cut (every
+    connection closed, new ones refused) and restore: a server that goes away and comes
+    back, without touching the server."""
+
+    def __init__(self, target):
+        self.target = target
+        self.port = free_port()
+        self._connections = []
+        self._lock = threading.Lock()
+        self._listener = None
+        self.restore()
+
+    def restore(self):
+        self._listener = socket.create_server(('127.0.0.1', self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def cut(self):
+        with contextlib.suppress(OSError):  # close() alone leaves accept() listening
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for connection in connections:
+            connection.close()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return  # cut
+            try:
+                server = socket.create_connection(self.target, timeout=5)
+                server.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._connections += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)

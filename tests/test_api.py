@@ -244,27 +244,39 @@ def test_only_the_canonical_decimal_id_addresses_a_person(client, method, person
     before = snapshot()
     path = '/person/' + urllib.parse.quote(person_id)
     response = send(client, method, path, json.dumps(GRACE).encode(), status=404)
-    assert method == 'HEAD' or response.json['title'] == '404 Not Found'
+    assert method == 'HEAD' or response.json['description'] == ID_FORM
     assert snapshot() == before
+
+
+ID_FORM = ("A person's id is a whole number from 1 to 9223372036854775807, written in decimal "
+           'without sign, leading zeros or separators, such as /person/12.')
 
 
 def test_the_largest_id_is_routed_and_the_next_is_not(client):
     largest = client.get(f'/person/{2**63 - 1}', status=404).json
     assert largest['description'] == f'No person has the id {2**63 - 1}.'
-    assert 'description' not in client.get(f'/person/{2**63}', status=404).json
+    assert client.get(f'/person/{2**63}', status=404).json['description'] == ID_FORM
 
 
-NOT_FOUND_PATHS = ['/person/999', '/person/abc', '/person/-1', '/person/0', '/person/1.5',
-                   '/person/99999999999999999999', '/person/%20', '/nowhere']
+NO_ROUTE = 'No route serves this path; /openapi.json lists those there are.'
+# (path, what the 404 says)
+NOT_FOUND_PATHS = [
+    ('/person/999', 'No person has the id 999.'), ('/person/abc', ID_FORM),
+    ('/person/-1', ID_FORM), ('/person/0', ID_FORM), ('/person/01', ID_FORM),
+    ('/person/1.5', ID_FORM), ('/person/99999999999999999999', ID_FORM), ('/person/%20', ID_FORM),
+    ('/person/1/', 'No person has the id 1.'), ('/person/1/mail', NO_ROUTE),
+    ('/nowhere', NO_ROUTE), ('/persons', NO_ROUTE), ('/person/abc/def', NO_ROUTE)]
 
 
-@pytest.mark.parametrize('path', NOT_FOUND_PATHS)
+@pytest.mark.parametrize('path, description', NOT_FOUND_PATHS)
 @pytest.mark.parametrize('method', ['GET', 'PUT', 'PATCH', 'DELETE'])
-def test_unknown_or_malformed_ids_are_404(client, method, path):
-    post(client, ADA)
+def test_unknown_or_malformed_ids_and_paths_are_404_saying_why(client, method, path, description):
+    post(client, {**ADA, 'email': 'first@example.com'})
+    client.delete('/person/1', status=204)
     before = snapshot()
     response = send(client, method, path, json.dumps(GRACE).encode(), status=404)
-    assert response.json['title']
+    assert response.json['description'] == description
+    assert response.json['request_id'] == response.headers['X-Request-ID']
     assert snapshot() == before
 
 
@@ -334,6 +346,54 @@ def test_put_and_patch_reject_invalid_bodies_and_nulls_with_422(client, method, 
     response = send(client, method, f'/person/{person_id}', json.dumps(body).encode(), status=422)
     assert field in response.json['description']
     assert snapshot() == before
+
+
+# (body, the problems a 422 lists, in order), sent to POST, PUT and PATCH alike.
+SEVERAL_PROBLEMS = [
+    ({'first_name': '', 'email': 'nope'},
+     [('first_name', 'must be 1 to 100 characters long'), ('last_name', 'is required'),
+      ('email', 'is not a valid address (An email address must have an @-sign.)')]),
+    ({'email': 7, 'last_name': None, 'first_name': 'A\nB'},
+     [('first_name', 'must not contain control characters'),
+      ('last_name', 'is required and cannot be null'), ('email', 'must be a string')]),
+    ({'nickname': 'Countess', **ADA, 'last_name': 'x' * 101, 'age': 36},
+     [('last_name', 'must be 1 to 100 characters long'), ('nickname', 'is not a known field'),
+      ('age', 'is not a known field')]),
+    ({'id': 'one', 'first_name': ['Ada'], 'last_name': 'Lovelace', 'email': 'ada@'},
+     [('id', 'must equal the id in the path'), ('first_name', 'must be a string'),
+      ('email', 'is not a valid address (There must be something after the @-sign.)')]),
+]
+
+
+def expected_problems(method, problems):
+    """What `problems` become for `method`: a merge patch needs no field, and POST takes no id."""
+    if method == 'PATCH':
+        problems = [problem for problem in problems if problem[1] != 'is required']
+    if method == 'POST':
+        problems = [(field, 'is not a known field' if field == 'id' else message)
+                    for field, message in problems]
+    return problems
+
+
+@pytest.mark.parametrize('body, problems', SEVERAL_PROBLEMS)
+@pytest.mark.parametrize('method', ['POST', 'PUT', 'PATCH'])
+def test_a_422_lists_every_problem_in_the_schemas_order(client, method, body, problems):
+    path = '/person' if method == 'POST' else f'/person/{post(client, GRACE).json["id"]}'
+    before = snapshot()
+    response = send(client, method, path, json.dumps(body).encode(), status=422)
+    expected = expected_problems(method, problems)
+    assert response.json['errors'] == [{'field': field, 'message': message}
+                                       for field, message in expected]
+    assert response.json['description'] == f'{expected[0][0]}: {expected[0][1]}.'
+    assert set(response.json) == {'title', 'description', 'errors', 'request_id'}
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize('body', [[ADA], 'Ada', None, 3])
+def test_a_body_that_is_not_an_object_is_one_problem_without_a_field(client, body):
+    response = post(client, body, status=422)
+    assert response.json['errors'] == [{'field': None, 'message': 'must be a JSON object'}]
+    assert response.json['description'] == 'The body must be a JSON object.'
 
 
 MALFORMED_JSON = [b'', b'{', b'{"first_name": "Ada",}', b"{'first_name': 'Ada'}",

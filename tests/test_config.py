@@ -1,7 +1,9 @@
 """Settings: every variable is checked when it is read, and a bad one stops the service
 with one line that names it, before any worker starts."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -20,7 +22,8 @@ BAD_VALUES = [
     ('MAIL_MAX_BACKOFF', '0'), ('MAIL_MAX_BACKOFF', '0.5'), ('MAIL_CONCURRENCY', '0'),
     ('MAIL_CONCURRENCY', '1.5'), ('MAIL_GIVE_UP_AFTER', '0'), ('MAIL_FAILED_RETENTION', '-5'),
     ('RATE_LIMIT', '2/fortnight'), ('RATE_LIMIT', 'lots'), ('RATE_LIMIT_STORAGE', 'redis'),
-    ('RATE_LIMIT_STORAGE', 'postgres://x'), ('API_TOKEN', 'two words'), ('API_TOKEN', 'tökén'),
+    ('RATE_LIMIT_STORAGE', 'postgres://x'), ('RATE_LIMIT_STORAGE', 'memory://'),
+    ('RATE_LIMIT_STORAGE', 'redis://cache:port/0'), ('API_TOKEN', 'two words'), ('API_TOKEN', 'tökén'),
     ('BODY_TIMEOUT', '-1'), ('BODY_TIMEOUT', '0'), ('HEADER_TIMEOUT', '0'), ('HEADER_TIMEOUT', 'nan'),
     ('FORWARDED_ALLOW_IPS', '10.0.0.300'),
     ('FORWARDED_ALLOW_IPS', 'proxy.example'), ('WEB_CONCURRENCY', '-1'),
@@ -48,7 +51,8 @@ def test_every_variable_has_a_bad_value_in_the_table():
     {'MAIL_FROM': 'Zoë Service <zoe@example.com>', 'RATE_LIMIT': 'off', 'API_TOKEN': 'x-Y_9.z'},
     {'RATE_LIMIT': '10/second', 'RATE_LIMIT_STORAGE': 'redis://127.0.0.1:6379/0',
      'FORWARDED_ALLOW_IPS': '10.0.0.0/8, 127.0.0.1', 'DATABASE_URL': 'mysql+pool://u@h/db'},
-    {'FORWARDED_ALLOW_IPS': '*', 'MAIL_MAX_BACKOFF': '1.5', 'WEB_CONCURRENCY': '0'},
+    {'FORWARDED_ALLOW_IPS': '*', 'MAIL_MAX_BACKOFF': '1.5', 'WEB_CONCURRENCY': '0',
+     'RATE_LIMIT_STORAGE': 'instance://'},
     {'REQUIRE_IF_MATCH': '1', 'IDEMPOTENCY_TTL': '90.5'},
 ])
 def test_good_settings_are_taken(environ):
@@ -78,3 +82,42 @@ def test_the_operator_commands_refuse_a_bad_setting_in_one_line(command):
     assert result.returncode == 2
     assert result.stderr.strip() == ("personapi: SMTP_PORT='twenty-five' is not valid: "
                                      'expected a port from 1 to 65535')
+
+
+# What gunicorn reads when it is imported, before gunicorn.conf.py runs.
+GUNICORNS_OWN = [('WEB_CONCURRENCY', 'abc'), ('WEB_CONCURRENCY', '-1'),
+                 ('FORWARDED_ALLOW_IPS', '10.0.0.300')]
+IMAGE_COMMAND = json.loads(re.search(r'^CMD (.*)$', (ROOT / 'Dockerfile').read_text(),
+                                     re.MULTILINE).group(1))
+
+
+@pytest.mark.parametrize('name, value', GUNICORNS_OWN)
+@pytest.mark.parametrize('start', ['make run', 'the image'])
+def test_the_start_commands_check_gunicorns_own_settings_first(tmp_path, start, name, value):
+    if start == 'make run' and not (ROOT / '.venv/bin/python').exists():
+        pytest.skip('no .venv/bin/python: make test makes it')
+    # -o: the virtualenv as it is, even if a requirements file is newer
+    command = (['make', '-s', '-o', '.venv/bin/.installed', 'run', f'PORT={free_port()}']
+               if start == 'make run' else IMAGE_COMMAND)
+    bin_folder = os.path.dirname(sys.executable)  # the image has its venv first on PATH
+    env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/persons.db', name: value,
+           'PATH': f'{bin_folder}:{os.environ["PATH"]}'}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    with pytest.raises(ConfigError) as refused:
+        Config.from_env({name: value})
+    # make adds a line of its own ("make: *** [Makefile:..: run] Error 2")
+    assert [line for line in result.stderr.splitlines() if not line.startswith('make: ')] == [
+        f'personapi: {refused.value}']
+    assert not (tmp_path / 'persons.db').exists()
+
+
+@pytest.mark.parametrize('name, value', GUNICORNS_OWN)
+def test_a_bare_gunicorn_prints_for_its_own_settings_what_the_docs_say(tmp_path, name, value):
+    env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/persons.db', name: value}
+    result = subprocess.run([sys.executable, '-m', 'gunicorn', 'personapi:app'], cwd=ROOT,
+                            env=env, capture_output=True, text=True, timeout=60)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 1
+    assert f'`{name}={value}`: `{last_line}`' in (ROOT / 'docs' / 'operating.md').read_text()

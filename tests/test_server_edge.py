@@ -302,6 +302,15 @@ def test_each_worker_listens_on_a_socket_of_its_own(service):
     assert wait_until(lambda: len(listening_sockets(service.port)) == 2)
 
 
+def test_the_start_says_once_where_it_listens(service, tmp_path):
+    """gunicorn's master would add a line naming no address: with SO_REUSEPORT it has no
+    socket of its own."""
+    lines = [line for line in (tmp_path / 'gunicorn.log').read_text().splitlines()
+             if 'Listening at:' in line]
+    assert [line.split('] ')[-1] for line in lines] == [
+        f'Listening at: {service.url} (a socket per worker, SO_REUSEPORT)']
+
+
 def gunicorn(service_env, *flags):
     return subprocess.Popen([sys.executable, '-m', 'gunicorn', *flags], cwd=ROOT,
                             env={**os.environ, **service_env}, stdout=subprocess.PIPE,

@@ -206,3 +206,31 @@ def test_an_unwritable_database_folder_stops_the_start_in_one_line(tmp_path, dat
                      f'{os.getuid()}: give that user write access to it (for a volume: chown '
                      f'{os.getuid()} on it, or the initContainer in deploy.yaml), or point '
                      'DATABASE_URL at a writable folder')
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A filesystem mounted read-only (a tmpfs), unmounted after the test."""
+    folder = tmp_path / 'read-only'
+    folder.mkdir()
+    if os.getuid() != 0 or not shutil.which('mount'):
+        pytest.skip('mounting a read-only filesystem needs root')
+    subprocess.run(['mount', '-t', 'tmpfs', '-o', 'ro,size=1m', 'tmpfs', str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(['umount', str(folder)], check=True)
+
+
+def test_a_read_only_filesystem_stops_the_start_in_one_line_naming_it(read_only_folder):
+    result = subprocess.run(
+        [sys.executable, '-m', 'gunicorn', '--bind', f'127.0.0.1:{free_port()}'], cwd=ROOT,
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, 'DATABASE_URL': f'sqlite:///{read_only_folder}/persons.db',
+             'SMTP_PORT': '1'})
+    assert result.returncode == 1
+    assert 'Traceback' not in result.stderr
+    (error,) = [line for line in result.stderr.splitlines() if 'database folder' in line]
+    assert error == (f'Error: the database folder {read_only_folder} is on a read-only '
+                     'filesystem: mount it read-write, or point DATABASE_URL at a writable '
+                     'folder')
