@@ -25,7 +25,7 @@ import models
 from config import Config
 
 USAGE = 'usage: python models.py migrate | check | backup [--force] FILE | restore FILE'
-RESTORE_HINT = 'restore a backup with `python models.py restore FILE` (docs/backup.md)'
+RESTORE_HINT = 'restore a backup with `models.py restore FILE` (docs/backup.md)'
 # What each server engine offers in place of these commands (docs/backup.md).
 SERVER_TOOLS = {
     'postgres': ('PostgreSQL', {
@@ -229,7 +229,7 @@ def restore(path, snapshot):
         raise BackupError(f'{snapshot} is the live database itself: restore a backup of it')
     if os.path.exists(f'{snapshot}-wal') and os.path.getsize(f'{snapshot}-wal'):
         raise BackupError(f'{snapshot} has a -wal beside it: it is a copy of a live database, '
-                          'not a snapshot; take one with `python models.py backup FILE`')
+                          'not a snapshot; take one with `models.py backup FILE`')
     os.makedirs(os.path.dirname(path), exist_ok=True)  # an empty volume's first restore
     with _temporary_beside(path) as temporary:
         shutil.copyfile(snapshot, temporary)
@@ -344,7 +344,7 @@ def _on_server(command, url):
     name, tools = SERVER_TOOLS[engine]
     if command != 'check':
         raise BackupError(f'on {name} the server keeps the data: use {tools[command]} '
-                          f'(docs/backup.md); `python models.py {command}` copies SQLite '
+                          f'(docs/backup.md); `models.py {command}` copies SQLite '
                           'files only')
     models.connect(url)
     with models.db.connection_context():

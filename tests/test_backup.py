@@ -73,7 +73,7 @@ def test_the_start_refuses_a_corrupt_file_in_one_line_without_a_worker(database_
     assert started.returncode != 0
     assert 'Traceback' not in output and 'Booting worker' not in output, output
     (error,) = [line for line in lines(started.stderr) if not line.startswith('[')]
-    assert 'is corrupt (quick_check' in error and 'python models.py restore FILE' in error
+    assert 'is corrupt (quick_check' in error and '`models.py restore FILE`' in error
 
 
 @one_engine

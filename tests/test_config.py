@@ -100,7 +100,10 @@ def test_the_start_commands_check_gunicorns_own_settings_first(tmp_path, start, 
     command = (['make', '-s', '-o', '.venv/bin/.installed', 'run', f'PORT={free_port()}']
                if start == 'make run' else IMAGE_COMMAND)
     bin_folder = os.path.dirname(sys.executable)  # the image has its venv first on PATH
-    env = {**os.environ, 'DATABASE_URL': f'sqlite:///{tmp_path}/persons.db', name: value,
+    # As a user's shell starts it, not as a make inside `make test` (MAKELEVEL and its kin)
+    outer_make = ('MAKELEVEL', 'MAKEFLAGS', 'MFLAGS')
+    env = {**{key: value for key, value in os.environ.items() if key not in outer_make},
+           'DATABASE_URL': f'sqlite:///{tmp_path}/persons.db', name: value,
            'PATH': f'{bin_folder}:{os.environ["PATH"]}'}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=60)
