@@ -155,8 +155,8 @@ def http(method, url, body=None, headers=None, timeout=10.0):
 class Service:
     """`gunicorn personapi:app` with the project's gunicorn.conf.py, in its own process group."""
 
-    def __init__(self, env, workers=2, log_path=None):
-        self.port = free_port()
+    def __init__(self, env, workers=2, log_path=None, port=None):
+        self.port = port or free_port()
         self.url = f'http://127.0.0.1:{self.port}'
         self.env = {**os.environ, 'WEB_CONCURRENCY': str(workers), **env}
         self.log_path = log_path
