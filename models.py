@@ -227,29 +227,53 @@ MODELS = [Person, IdempotencyKey, Outbox, SchemaVersion]
 _statements = {}
 
 
+class WriterLockTimeout(peewee.OperationalError):
+    """A write waited for the writers' queue past its deadline; the message names who holds
+    it, never data."""
+
+
+class WriterQueueError(peewee.OperationalError):
+    """The writers' queue's file cannot be used: its filesystem fails."""
+
+
+# The filesystem's errors, in the words SQLite's get (see SQLITE_ERROR_MEANINGS).
+OS_ERROR_MEANINGS = {errno.ENOSPC: 'the disk is full', errno.EROFS: 'the filesystem is read-only',
+                     errno.EIO: 'I/O error'}
+
+
 class WriterQueue:
     """SQLite admits one writer at a time, and its busy handler sleeps up to 100 ms per
     try. Writers queue here instead, where the next one wakes at once: the threads of a
     process on a lock, the processes on an flock of a file beside the database (its name
-    and `-lock`; it holds nothing). Re-entrant: a nested write becomes a savepoint."""
+    and `-lock`; it holds nothing). Re-entrant: a nested write becomes a savepoint.
+
+    A turn is waited for until a deadline, the database's busy timeout: past it the write
+    fails with WriterLockTimeout, and the log names the process holding the queue (a
+    process stopped, or stuck, while it holds it would otherwise stop every write)."""
 
     def __init__(self):
-        self._path, self._fd = None, None
+        self._path, self._fd, self._timeout = None, None, SQLITE_OPTIONS['timeout']
+        self._last_report = None  # (message, when) of the last timeout logged
+        self._waiting_fds = set()  # descriptors of _FlockWaiters still waiting
         self._start_afresh()
         os.register_at_fork(after_in_child=self._start_afresh)
 
     def _start_afresh(self):
         """In a new process: no thread of the parent's holds the lock, and the parent's file
-        descriptor would share the parent's flock."""
+        descriptors would share the parent's flock (its waiters' too)."""
         self._threads = threading.RLock()
         self._depth = 0  # of the holding thread's nesting; guarded by _threads
         self._forget_file()
+        for fd in list(self._waiting_fds):
+            os.close(fd)
+        self._waiting_fds.clear()
 
-    def use_file(self, path):
-        """Queue the processes on `path` (None: this process alone, for `:memory:`)."""
+    def use_file(self, path, timeout=SQLITE_OPTIONS['timeout']):
+        """Queue the processes on `path` (None: this process alone, for `:memory:`), each
+        waiting `timeout` seconds at most."""
         with self._threads:
             self._forget_file()
-            self._path = path
+            self._path, self._timeout = path, timeout
 
     def _forget_file(self):
         if self._fd is not None:
@@ -257,22 +281,110 @@ class WriterQueue:
         self._fd = None
 
     def __enter__(self):
-        self._threads.acquire()
+        self.take()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+    def take(self, wait=None):
+        """Wait for this thread's turn, `wait` seconds at most (default: the busy timeout,
+        and a timeout is logged; a shorter wait is a probe's, which logs nothing)."""
+        seconds = self._timeout if wait is None else wait
+        deadline = time.monotonic() + seconds
+        if not self._threads.acquire(timeout=seconds):
+            raise self._too_late(seconds, report=wait is None)
         try:
             if self._depth == 0 and self._path:
-                if self._fd is None:
-                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
+                self._lock_file(deadline, seconds, report=wait is None)
+        except BaseException as error:
             self._threads.release()
+            if isinstance(error, OSError):
+                meaning = OS_ERROR_MEANINGS.get(error.errno) or os.strerror(error.errno)
+                raise WriterQueueError(f'{self._path}: {meaning}') from None
             raise
         self._depth += 1
 
-    def __exit__(self, *exc_info):
+    def release(self):
         self._depth -= 1
         if self._depth == 0 and self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._threads.release()
+
+    def _lock_file(self, deadline, seconds, report):
+        if self._fd is None:
+            self._fd = self._open()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the usual case: one call
+            return
+        except BlockingIOError:
+            pass
+        # Another process has its turn: wait in a thread, which a deadline can give up on
+        # (a blocking flock cannot be interrupted, and polling would not wake at once).
+        waiter = _FlockWaiter(self._open(), self._waiting_fds)
+        if not waiter.granted(deadline - time.monotonic()):
+            raise self._too_late(seconds, report)
+        os.close(self._fd)
+        self._fd = waiter.fd  # the lock is held through the waiter's descriptor from now on
+
+    def _open(self):
+        return os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _too_late(self, seconds, report):
+        holders = ', '.join(f'process {pid}' for pid in self._holders()) or (
+            f'a thread of this process ({os.getpid()})')
+        error = WriterLockTimeout(f'a write waited {seconds:g} s for the SQLite writers\' '
+                                  f'queue: {holders} holds it, stopped or stuck in a write')
+        now = time.monotonic()
+        if report and not (self._last_report and self._last_report[0] == str(error)
+                           and now - self._last_report[1] < seconds):
+            self._last_report = (str(error), now)  # once per holder and deadline, not per write
+            log.error('%s; writes answer 503 meanwhile', error)
+        return error
+
+    def _holders(self):
+        """The processes /proc/locks lists as holding the queue's flock (Linux; read only
+        after a timeout). Its lines: `1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<inode> ...`;
+        those of waiters read `1: -> FLOCK ...`."""
+        try:
+            status = os.stat(self._path)
+            with open('/proc/locks') as locks:
+                lines = locks.read().splitlines()
+        except (OSError, TypeError):  # no file (`:memory:`), or no /proc
+            return []
+        file = f'{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}'
+        return [int(fields[4]) for fields in map(str.split, lines)
+                if fields[1:2] == ['FLOCK'] and fields[5:6] == [file]]
+
+
+class _FlockWaiter:
+    """An exclusive flock of `fd` (a descriptor of its own, so a lock of its own) taken by a
+    thread of its own, while the thread that wants it waits with a deadline. A wait given up
+    leaves the descriptor to the thread, which closes it, letting the lock go, as soon as
+    it is granted. `waiting` holds the descriptors in flight, for a fork to close."""
+
+    def __init__(self, fd, waiting):
+        self.fd, self._waiting = fd, waiting
+        self._outcome = threading.Condition()
+        self._granted = self._given_up = False
+        waiting.add(fd)
+        threading.Thread(target=self._wait, name='sqlite-writers-flock', daemon=True).start()
+
+    def _wait(self):
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        with self._outcome:
+            self._waiting.discard(self.fd)
+            if self._given_up:
+                os.close(self.fd)
+            else:
+                self._granted = True
+                self._outcome.notify()
+
+    def granted(self, timeout):
+        """Whether the lock came within `timeout` seconds; if not, the wait is given up."""
+        with self._outcome:
+            self._outcome.wait_for(lambda: self._granted, max(0.0, timeout))
+            self._given_up = not self._granted
+            return self._granted
 
 
 _sqlite_writers = WriterQueue()
@@ -298,7 +410,9 @@ def connect(url):
         in_file = in_url['database'] not in ('', ':memory:')
         if in_file:
             _require_writable_folder(os.path.dirname(os.path.abspath(in_url['database'])))
-        _sqlite_writers.use_file(f"{in_url['database']}-lock" if in_file else None)
+        # The writers' queue waits as long as SQLite's busy handler would.
+        _sqlite_writers.use_file(f"{in_url['database']}-lock" if in_file else None,
+                                 in_url.get('timeout', options['timeout']))
     else:
         options = SERVER_OPTIONS.get(scheme.replace('postgresql', 'postgres'), {})
         # A server's connections are pooled, `+pool` or not (a pool per worker, filled after
@@ -551,13 +665,16 @@ def truncate_wal():
     """On SQLite, copy the WAL into the database file and empty it; True when done."""
     if not is_sqlite():
         return True
-    with _sqlite_writers:  # this process's writers queue here rather than in the busy handler
-        (busy_timeout,) = db.execute_sql('PRAGMA busy_timeout').fetchone()
-        db.execute_sql(f'PRAGMA busy_timeout = {min(busy_timeout, CHECKPOINT_WAIT_MS)}')
-        try:
-            busy, _, _ = db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
-        finally:
-            db.execute_sql(f'PRAGMA busy_timeout = {busy_timeout}')
+    try:
+        with _sqlite_writers:  # this process's writers queue here rather than in the busy handler
+            (busy_timeout,) = db.execute_sql('PRAGMA busy_timeout').fetchone()
+            db.execute_sql(f'PRAGMA busy_timeout = {min(busy_timeout, CHECKPOINT_WAIT_MS)}')
+            try:
+                busy, _, _ = db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+            finally:
+                db.execute_sql(f'PRAGMA busy_timeout = {busy_timeout}')
+    except WriterLockTimeout:
+        return False  # the queue was held past the busy timeout: tried again later
     return not busy
 
 

@@ -7,6 +7,7 @@ import email
 import email.policy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -249,3 +250,13 @@ class TcpProxy:
         for end in (source, sink):
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
+
+
+def error_lines(log_path, text):
+    """{pid: how many ERROR lines hold `text`} in a gunicorn log of the text format."""
+    counts = {}
+    for line in log_path.read_text().splitlines():
+        found = re.match(r'\[[^]]+\] \[(\d+)\] \[ERROR\] ', line)
+        if found and text in line:
+            counts[int(found.group(1))] = counts.get(int(found.group(1)), 0) + 1
+    return counts
