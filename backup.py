@@ -101,7 +101,7 @@ def _require_intact(connection, pragma, what, then):
 
 
 def _error_name(error):
-    return getattr(error, 'sqlite_errorname', None) or type(error).__name__
+    return models.sqlite_error_name(error) or type(error).__name__
 
 
 @contextlib.contextmanager

@@ -224,7 +224,7 @@ def openapi_document():
             '/person/{person_id}': item,
             '/healthz': {'get': {'summary': 'The process is up', 'operationId': 'health',
                                  'responses': {'200': ok('Up', '#/components/schemas/Status')}}},
-            '/readyz': {'get': {'summary': 'The database answers', 'operationId': 'ready',
+            '/readyz': {'get': {'summary': 'Writes to the database work', 'operationId': 'ready',
                                 'responses': {'200': ok('Ready', '#/components/schemas/Status'),
                                               **_error_responses(503)}}},
             '/openapi.json': {'get': {'summary': 'This document', 'operationId': 'openapi',

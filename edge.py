@@ -16,6 +16,7 @@ import falcon
 
 import logs
 import metrics
+import models
 from models import db
 
 log = logging.getLogger('personapi')
@@ -144,12 +145,19 @@ def serialize_error(req, resp, exception):
     resp.data = json.dumps(body).encode()
 
 
-def handle_database_down(req, resp, error, params):
+def handle_database_error(req, resp, error, params):
+    """The database failing is 503, and counts against write health (which logs each change
+    of it, once: not a line per request); any other database error is the code's, a 500."""
+    if not models.is_database_failure(error):
+        return handle_unexpected(req, resp, error, params)
     metrics.DATABASE_ERRORS.inc()
-    log.warning('database unavailable: %s (request %s)', type(error).__name__,
-                req.context.request_id)
-    raise falcon.HTTPServiceUnavailable(title='Database unavailable',
-                                        description='Try again shortly.', retry_after=5)
+    models.note_database_failure(error)
+    raise database_unavailable()
+
+
+def database_unavailable(description='Try again shortly.'):
+    return falcon.HTTPServiceUnavailable(title='Database unavailable', description=description,
+                                         retry_after=5)
 
 
 def handle_unexpected(req, resp, error, params):

@@ -166,9 +166,16 @@ def post_worker_init(worker):
 
 def worker_exit(server, worker):
     """Let the courier finish the mail in hand on a graceful stop (Ctrl-C stops at once: a
-    mail in hand then waits out its lease and is sent again, once); count the last requests."""
+    mail in hand then waits out its lease and is sent again, once); count the last requests.
+    A worker whose SQLite file was replaced ends without closing its connections: SQLite
+    would delete the -wal and -shm at the path, the new file's, when the last one closes."""
+    models = sys.modules.get('models')
+    replaced = models is not None and models.database_file_replaced()
     personapi = sys.modules.get('personapi')
-    if personapi is not None and 'courier' in vars(personapi):
+    if personapi is not None and 'courier' in vars(personapi) and not replaced:
         personapi.courier.stop(timeout=1.0 if getattr(worker, 'stopping_at_once', False) else None)
     if 'metrics' in sys.modules:
         sys.modules['metrics'].flush()
+    if replaced:
+        sys.stderr.flush()
+        os._exit(0)

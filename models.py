@@ -8,13 +8,17 @@ backup.py's.
 
 import collections
 import contextlib
+import datetime
 import errno
 import fcntl
 import functools
 import hashlib
 import logging
+import math
+import mmap
 import os
 import queue
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -22,12 +26,14 @@ import time
 
 import peewee
 from playhouse import db_url
+from playhouse.pool import PooledDatabase
 
 db = peewee.DatabaseProxy()
 log = logging.getLogger('personapi.models')
 
-# The database's failures, not a request's: the API answers them with 503.
-DATABASE_DOWN = (peewee.OperationalError, peewee.InterfaceError)
+# The database's failures, not a request's: the API answers them with 503 (so too a corrupt
+# SQLite file: see is_database_failure). sqlite3's own escape peewee from a cursor's fetch.
+DATABASE_DOWN = (peewee.OperationalError, peewee.InterfaceError, sqlite3.OperationalError)
 
 MAX_NAME_LENGTH = 100
 MAX_EMAIL_LENGTH = 254  # RFC 5321's limit on a forward path
@@ -227,29 +233,53 @@ MODELS = [Person, IdempotencyKey, Outbox, SchemaVersion]
 _statements = {}
 
 
+class WriterLockTimeout(peewee.OperationalError):
+    """A write waited for the writers' queue past its deadline; the message names who holds
+    it, never data."""
+
+
+class WriterQueueError(peewee.OperationalError):
+    """The writers' queue's file cannot be used: its filesystem fails."""
+
+
+# The filesystem's errors, in the words SQLite's get (see SQLITE_ERROR_MEANINGS).
+OS_ERROR_MEANINGS = {errno.ENOSPC: 'the disk is full', errno.EROFS: 'the filesystem is read-only',
+                     errno.EIO: 'I/O error'}
+
+
 class WriterQueue:
     """SQLite admits one writer at a time, and its busy handler sleeps up to 100 ms per
     try. Writers queue here instead, where the next one wakes at once: the threads of a
     process on a lock, the processes on an flock of a file beside the database (its name
-    and `-lock`; it holds nothing). Re-entrant: a nested write becomes a savepoint."""
+    and `-lock`; it holds nothing). Re-entrant: a nested write becomes a savepoint.
+
+    A turn is waited for until a deadline, the database's busy timeout: past it the write
+    fails with WriterLockTimeout, and the log names the process holding the queue (a
+    process stopped, or stuck, while it holds it would otherwise stop every write)."""
 
     def __init__(self):
-        self._path, self._fd = None, None
+        self._path, self._fd, self._timeout = None, None, SQLITE_OPTIONS['timeout']
+        self._last_report = None  # (message, when) of the last timeout logged
+        self._waiting_fds = set()  # descriptors of _FlockWaiters still waiting
         self._start_afresh()
         os.register_at_fork(after_in_child=self._start_afresh)
 
     def _start_afresh(self):
         """In a new process: no thread of the parent's holds the lock, and the parent's file
-        descriptor would share the parent's flock."""
+        descriptors would share the parent's flock (its waiters' too)."""
         self._threads = threading.RLock()
         self._depth = 0  # of the holding thread's nesting; guarded by _threads
         self._forget_file()
+        for fd in list(self._waiting_fds):
+            os.close(fd)
+        self._waiting_fds.clear()
 
-    def use_file(self, path):
-        """Queue the processes on `path` (None: this process alone, for `:memory:`)."""
+    def use_file(self, path, timeout=SQLITE_OPTIONS['timeout']):
+        """Queue the processes on `path` (None: this process alone, for `:memory:`), each
+        waiting `timeout` seconds at most."""
         with self._threads:
             self._forget_file()
-            self._path = path
+            self._path, self._timeout = path, timeout
 
     def _forget_file(self):
         if self._fd is not None:
@@ -257,25 +287,524 @@ class WriterQueue:
         self._fd = None
 
     def __enter__(self):
-        self._threads.acquire()
+        self.take()
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+    def take(self, wait=None):
+        """Wait for this thread's turn, `wait` seconds at most (default: the busy timeout,
+        and a timeout is logged; a shorter wait is a probe's, which logs nothing)."""
+        seconds = self._timeout if wait is None else wait
+        deadline = time.monotonic() + seconds
+        if not self._threads.acquire(timeout=seconds):
+            raise self._too_late(seconds, report=wait is None)
         try:
             if self._depth == 0 and self._path:
-                if self._fd is None:
-                    self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
+                self._lock_file(deadline, seconds, report=wait is None)
+        except BaseException as error:
             self._threads.release()
+            if isinstance(error, OSError):
+                meaning = OS_ERROR_MEANINGS.get(error.errno) or os.strerror(error.errno)
+                raise WriterQueueError(f'{self._path}: {meaning}') from None
             raise
         self._depth += 1
 
-    def __exit__(self, *exc_info):
+    def release(self):
         self._depth -= 1
         if self._depth == 0 and self._fd is not None:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         self._threads.release()
 
+    def _lock_file(self, deadline, seconds, report):
+        if self._fd is None:
+            self._fd = self._open()
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the usual case: one call
+            return
+        except BlockingIOError:
+            pass
+        # Another process has its turn: wait in a thread, which a deadline can give up on
+        # (a blocking flock cannot be interrupted, and polling would not wake at once).
+        waiter = _FlockWaiter(self._open(), self._waiting_fds)
+        if not waiter.granted(deadline - time.monotonic()):
+            raise self._too_late(seconds, report)
+        os.close(self._fd)
+        self._fd = waiter.fd  # the lock is held through the waiter's descriptor from now on
+
+    def _open(self):
+        return os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _too_late(self, seconds, report):
+        holders = ', '.join(f'process {pid}' for pid in self._holders()) or (
+            f'a thread of this process ({os.getpid()})')
+        error = WriterLockTimeout(f'a write waited {seconds:g} s for the SQLite writers\' '
+                                  f'queue: {holders} holds it, stopped or stuck in a write')
+        now = time.monotonic()
+        if report and not (self._last_report and self._last_report[0] == str(error)
+                           and now - self._last_report[1] < seconds):
+            self._last_report = (str(error), now)  # once per holder and deadline, not per write
+            log.error('%s; writes answer 503 meanwhile', error)
+        return error
+
+    def _holders(self):
+        """The processes /proc/locks lists as holding the queue's flock (Linux; read only
+        after a timeout). Its lines: `1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<inode> ...`;
+        those of waiters read `1: -> FLOCK ...`."""
+        try:
+            status = os.stat(self._path)
+            with open('/proc/locks') as locks:
+                lines = locks.read().splitlines()
+        except (OSError, TypeError):  # no file (`:memory:`), or no /proc
+            return []
+        file = f'{os.major(status.st_dev):02x}:{os.minor(status.st_dev):02x}:{status.st_ino}'
+        return [int(fields[4]) for fields in map(str.split, lines)
+                if fields[1:2] == ['FLOCK'] and fields[5:6] == [file]]
+
+
+class _FlockWaiter:
+    """An exclusive flock of `fd` (a descriptor of its own, so a lock of its own) taken by a
+    thread of its own, while the thread that wants it waits with a deadline. A wait given up
+    leaves the descriptor to the thread, which closes it, letting the lock go, as soon as
+    it is granted. `waiting` holds the descriptors in flight, for a fork to close."""
+
+    def __init__(self, fd, waiting):
+        self.fd, self._waiting = fd, waiting
+        self._outcome = threading.Condition()
+        self._granted = self._given_up = False
+        waiting.add(fd)
+        threading.Thread(target=self._wait, name='sqlite-writers-flock', daemon=True).start()
+
+    def _wait(self):
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        with self._outcome:
+            self._waiting.discard(self.fd)
+            if self._given_up:
+                os.close(self.fd)
+            else:
+                self._granted = True
+                self._outcome.notify()
+
+    def granted(self, timeout):
+        """Whether the lock came within `timeout` seconds; if not, the wait is given up."""
+        with self._outcome:
+            self._outcome.wait_for(lambda: self._granted, max(0.0, timeout))
+            self._given_up = not self._granted
+            return self._granted
+
 
 _sqlite_writers = WriterQueue()
+
+
+# --- The database's failures, in words ------------------------------------------------------
+
+# What SQLite's storage errors mean, by the start of the error's name (SQLITE_IOERR_WRITE is
+# an SQLITE_IOERR); see SQLite's result codes.
+SQLITE_ERROR_MEANINGS = (
+    ('SQLITE_FULL', 'the disk is full'),
+    ('SQLITE_READONLY', 'the filesystem or file is read-only'),
+    ('SQLITE_IOERR', 'I/O error'),
+    ('SQLITE_CORRUPT', 'the database file is corrupt; restore it from a backup'),
+    ('SQLITE_NOTADB', 'the file is not an SQLite database; restore it from a backup'),
+    ('SQLITE_CANTOPEN', 'the database file cannot be opened'),
+    ('SQLITE_BUSY', 'another program kept the database locked past the busy timeout'),
+)
+CORRUPTION = ('SQLITE_CORRUPT', 'SQLITE_NOTADB')
+# Python's sqlite3 raises this when stored text is not the UTF-8 that was written: a page
+# overwritten. Its message goes on to quote the text, so only this start is ever read.
+_UNDECODABLE_TEXT = 'Could not decode to UTF-8'
+
+
+def describe_database_error(error):
+    """What a database error means, in words for the log: SQLite's error name and its
+    meaning (`SQLITE_FULL: the disk is full`), or a server driver's error type and code;
+    never the error's message, which can quote data."""
+    cause = _driver_error(error)
+    if isinstance(cause, (StorageFault, WriterLockTimeout, WriterQueueError)):
+        return str(cause)  # our own words
+    name = sqlite_error_name(cause)
+    if name:
+        meaning = next((words for prefix, words in SQLITE_ERROR_MEANINGS
+                        if name.startswith(prefix)), None)
+        return f'{name}: {meaning}' if meaning else name
+    if isinstance(cause, sqlite3.Error):
+        return type(cause).__name__
+    code = getattr(cause, 'pgcode', None) or next(
+        (arg for arg in cause.args[:1] if isinstance(arg, int)), None)
+    kind = f'{type(cause).__name__} {code}' if code else type(cause).__name__
+    return f'{kind}: the database server is unreachable, or failed the request'
+
+
+def sqlite_error_name(error):
+    """SQLite's name for `error` (a peewee error or sqlite3's), e.g. SQLITE_IOERR_WRITE;
+    None when it is not SQLite's."""
+    cause = _driver_error(error)
+    name = getattr(cause, 'sqlite_errorname', None)
+    if name is None and isinstance(cause, sqlite3.OperationalError) and str(cause).startswith(
+            _UNDECODABLE_TEXT):
+        name = 'SQLITE_CORRUPT (text that is not UTF-8)'
+    return name
+
+
+def _driver_error(error):
+    """The exception behind a peewee error: peewee raises its own, with the driver's (or
+    ours, or its own again when nested) as `orig`. A rollback that failed with SQLite's
+    generic SQLITE_ERROR ("no transaction is active": SQLite rolled back by itself, as on
+    SQLITE_FULL) is explained by the error it was rolling back."""
+    while True:
+        while isinstance(getattr(error, 'orig', None), Exception):
+            error = error.orig
+        context = error.__context__
+        if not (getattr(error, 'sqlite_errorname', None) == 'SQLITE_ERROR' and isinstance(
+                context, (peewee.DatabaseError, sqlite3.DatabaseError))):
+            return error
+        error = context
+
+
+def is_database_failure(error):
+    """Whether `error` is the database failing (503), not the request or the code: a
+    constraint refused, a query the code got wrong."""
+    return isinstance(error, DATABASE_DOWN) or (sqlite_error_name(error) or '').startswith(
+        CORRUPTION)
+
+
+class StorageFault(peewee.OperationalError):
+    """The SQLite file can no longer be served: it was replaced, removed or found corrupt.
+    The message is words for the log, never data."""
+
+
+# --- SQLite's file: the one the instance started on -----------------------------------------
+
+def aside_name(path, reason, when=None):
+    """The name a file is moved aside to and kept under: `<name>.<reason>-<UTC time>`, e.g.
+    `persons.db-wal.replaced-20261204T150000Z`."""
+    when = when or datetime.datetime.now(datetime.timezone.utc)
+    return f'{path}.{reason}-{when.strftime("%Y%m%dT%H%M%SZ")}'
+
+
+class _SqliteFile:
+    """The database file an instance serves: which file it opened first (device and inode),
+    and whether the instance must stop serving it, for good: it was replaced or removed
+    under the service, or found corrupt. That much is shared by every process of the
+    instance, through memory made before gunicorn forks its workers (connect() in the
+    master makes it)."""
+
+    REPLACED, CORRUPT = 1, 2  # bits of the shared fault byte
+
+    def __init__(self, path):
+        self.path = path
+        self.opened = None  # (st_dev, st_ino) of the first file a connection opened
+        self._fault = mmap.mmap(-1, 1)  # anonymous and shared: every worker forked sees it
+
+    @property
+    def fault(self):
+        return self._fault[0]
+
+    def identity(self):
+        """(st_dev, st_ino) of the file at the path; None when there is none."""
+        try:
+            status = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        except OSError:
+            return self.opened  # cannot tell (an I/O error): SQLite will say more
+        return status.st_dev, status.st_ino
+
+    def check(self):
+        """Raise StorageFault if the instance must no longer serve the file: found so by
+        any process, or the path no longer names the file it opened (one stat)."""
+        if self._fault[0]:
+            _stop_serving(self)
+        if self.opened is not None and self.identity() != self.opened:
+            self.fail(self.REPLACED)
+
+    def opening(self):
+        """A connection has the file open and has read nothing yet: record the first file
+        opened; refuse any other (it would be read with the old file's WAL)."""
+        if self.opened is None:
+            self.opened = self.identity()
+        self.check()
+
+    def fail(self, fault):
+        self._fault[0] |= fault
+        _stop_serving(self)
+
+    def words(self):
+        if self._fault[0] & self.REPLACED:
+            return (f'the database file {self.path} was replaced or removed while the '
+                    'service ran')
+        return f'SQLITE_CORRUPT: the database file {self.path} is corrupt'
+
+
+_sqlite_files = {}  # path -> _SqliteFile, kept across connect() in a process and its forks
+_retired = []  # databases no longer served: their connections stay open (see _stop_serving)
+_stopping = threading.Lock()
+
+
+def _stop_serving(sqlite_file):
+    """Stop serving `sqlite_file` in this process, once, and raise StorageFault.
+
+    The models are bound to a twin database whose every connection refuses, so that every
+    thread, reads included, answers 503 without a check on their way. The connections
+    already open are kept open, never closed, for this process's life: closing the last
+    one makes SQLite checkpoint and delete `<path>-wal` and `-shm` by name, the names of
+    the new file's now (gunicorn.conf.py's worker_exit ends a worker without closing them).
+    The -wal and -shm this process has open are moved aside, kept, so that the file now at
+    the path is never opened with them.
+    """
+    with _stopping:
+        serving = db.obj
+        act = getattr(serving, 'file', None) is sqlite_file and not serving.retired
+        if act:
+            _retired.append(serving)
+            db.initialize(serving.twin(retired=True))
+    if act:
+        if sqlite_file.fault & sqlite_file.REPLACED:
+            moved = _move_aside_our_wal(sqlite_file.path)
+            log.error('%s: this process no longer serves it (every request 503, /readyz '
+                      '503)%s. Stop the service, put the database back with the restore '
+                      'command of docs/backup.md, then start it', sqlite_file.words(),
+                      f'; its WAL moved aside as {", ".join(moved)}' if moved else '')
+        else:
+            log.error('%s: this process no longer serves it (every request 503, /readyz '
+                      '503). Stop the service, restore a backup with the restore command of '
+                      'docs/backup.md, then start it', sqlite_file.words())
+    raise StorageFault(sqlite_file.words())
+
+
+def _move_aside_our_wal(path):
+    """Rename `path`-wal and -shm aside if they are the ones this process has open (the
+    replaced file's, not a new file's); returns the new names."""
+    try:
+        descriptors = os.listdir('/proc/self/fd')
+    except OSError:
+        return []  # cannot tell whose they are: leave them
+    ours = set()
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):
+            status = os.fstat(int(descriptor))
+            ours.add((status.st_dev, status.st_ino))
+    moved = []
+    for name in (f'{path}-wal', f'{path}-shm'):
+        with contextlib.suppress(FileNotFoundError):
+            status = os.stat(name)
+            if (status.st_dev, status.st_ino) in ours:
+                moved.append(aside_name(name, 'replaced'))
+                os.rename(name, moved[-1])
+    return moved
+
+
+class SqliteFileDatabase(peewee.SqliteDatabase):
+    """SQLite in a file that stays the one the instance started on (see _SqliteFile)."""
+
+    def __init__(self, database, retired=False, **options):
+        super().__init__(database, **options)
+        path = os.path.abspath(database)
+        self.file = _sqlite_files.get(path) or _sqlite_files.setdefault(path, _SqliteFile(path))
+        self.retired = retired
+        self._options = options
+        # Every connection open, so that a thread's end does not close its own: after a
+        # replacement that too would delete the new file's WAL (see _stop_serving).
+        self._kept = set()
+        self._next_table_check = 0.0
+        self._checking_tables = threading.Lock()
+
+    def twin(self, **changes):
+        return type(self)(self.database, **{'retired': self.retired, **self._options,
+                                            **changes})
+
+    def _connect(self):
+        self.file.check()  # before SQLite opens the path: it would make an empty file there
+        return super()._connect()
+
+    def _add_conn_hooks(self, conn):
+        self.file.opening()  # before the pragmas read the file, and its WAL
+        super()._add_conn_hooks(conn)
+        self._kept.add(conn)
+
+    def _close(self, conn):
+        """Close, unless the path names another file now: see _stop_serving."""
+        with contextlib.suppress(StorageFault):
+            self.file.check()
+            self._kept.discard(conn)
+            conn.close()
+
+    def check_person_table(self):
+        """Raise StorageFault if PRAGMA quick_check finds the person table corrupt; at
+        most once a minute per process (on a million people it takes a fifth of a second)."""
+        with self._checking_tables:
+            if time.monotonic() < self._next_table_check:
+                return
+            self._next_table_check = time.monotonic() + TABLE_CHECK_EVERY
+            try:
+                problems = self.execute_sql('PRAGMA quick_check(person)').fetchall()
+            except (peewee.DatabaseError, sqlite3.DatabaseError) as error:
+                if not (sqlite_error_name(error) or '').startswith(CORRUPTION):
+                    raise
+                problems = [error]
+        if problems != [('ok',)]:
+            self.file.fail(self.file.CORRUPT)
+
+
+class PooledSqliteFileDatabase(PooledDatabase, SqliteFileDatabase):
+    """`sqlite+pool://`: peewee's pool over SqliteFileDatabase."""
+
+
+TABLE_CHECK_EVERY = 60.0  # seconds
+
+
+def confirm_no_person(person_id):
+    """Before answering that no person has `person_id`. On SQLite, a corrupt page can read
+    as no row: if the id is one the database gave out (at most the highest), the person
+    table is checked (at most once a minute) and StorageFault raised if it is corrupt. A
+    deleted person's id passes."""
+    database = db.obj
+    if not isinstance(database, SqliteFileDatabase):
+        return
+    database.file.check()
+    highest = database.execute_sql(
+        "SELECT seq FROM sqlite_sequence WHERE name = 'person'").fetchone()
+    if highest and person_id <= highest[0]:
+        database.check_person_table()
+
+
+def database_file_replaced():
+    """Whether the SQLite file this process serves was replaced or removed (one stat)."""
+    sqlite_file = getattr(db.obj, 'file', None)
+    if sqlite_file is None:
+        return False
+    with contextlib.suppress(StorageFault):
+        sqlite_file.check()
+    return bool(sqlite_file.fault & sqlite_file.REPLACED)
+
+
+# --- Write health and readiness -------------------------------------------------------------
+
+PROBE_EVERY = 1.0  # seconds: /readyz probes a write at most this often, per process
+PROBE_WAIT = 1.0  # seconds /readyz's probe waits for the SQLite writers' queue
+
+
+class _WriteHealth:
+    """Whether writes work, as the last write or probe found, and each change logged once:
+    `problem` is the cause in words, None while writes work. Per process, and afresh for
+    each database bound (connect() makes it)."""
+
+    def __init__(self):
+        self.problem = None
+        self.probed_at = -math.inf  # time.monotonic() of the last probe
+        self._probing = threading.Lock()
+        self._changing = threading.Lock()  # threads failing at once log the change once
+
+    def worked(self):
+        if self.problem is not None:  # read unlocked: a commit's hot path
+            with self._changing:
+                if self.problem is not None:
+                    self.problem = None
+                    log.info('database writes work again')
+
+    def failed(self, words):
+        """Writes fail for the cause `words` (`NAME: meaning`): logged when the meaning
+        changes, not for another SQLite code of the same meaning (IOERR_WRITE, IOERR_FSYNC)."""
+        with self._changing:
+            if self.problem is None or _meaning(words) != _meaning(self.problem):
+                log.error('database writes fail: %s; /readyz answers 503 until a write '
+                          'works', words)
+            self.problem = words
+
+    def renew(self, probe):
+        """Run `probe()`, a write, unless one ran less than PROBE_EVERY ago or runs now;
+        returns whether it ran."""
+        if time.monotonic() - self.probed_at < PROBE_EVERY or not self._probing.acquire(
+                blocking=False):
+            return False
+        try:
+            self.probed_at = time.monotonic()
+            probe()
+        finally:
+            self._probing.release()
+        return True
+
+
+health = _WriteHealth()
+
+
+def _meaning(words):
+    return words.partition(': ')[2] or words
+
+
+def note_database_failure(error):
+    """Count a database failure met by a request, a write or the courier against write
+    health. Returns a StorageFault to raise instead when it shows the SQLite file corrupt
+    (it is then no longer served); None otherwise."""
+    cause = _driver_error(error)
+    if isinstance(cause, (StorageFault, WriterLockTimeout)):
+        return None  # logged where it was raised; a stalled writer is no storage fault
+    sqlite_file = getattr(db.obj, 'file', None)
+    name = sqlite_error_name(cause) or ''
+    words = describe_database_error(cause)
+    if sqlite_file is not None and name.startswith(_FILESYSTEM_ERRORS):
+        trouble = _filesystem_trouble(sqlite_file.path)
+        if trouble:
+            words = f'{name}: {trouble}'
+        elif name.startswith(CORRUPTION):
+            try:
+                sqlite_file.fail(sqlite_file.CORRUPT)
+            except StorageFault as fault:
+                return fault
+    health.failed(words)
+    return None
+
+
+# What SQLite reports of a filesystem gone read-only (writes refused as I/O errors; files
+# not opened), or failing (files it cannot read reported as corrupt).
+_FILESYSTEM_ERRORS = ('SQLITE_IOERR', 'SQLITE_READONLY', 'SQLITE_CANTOPEN', *CORRUPTION)
+
+
+def _filesystem_trouble(path):
+    """What fails in the file's filesystem, in words ('the filesystem is read-only', 'I/O
+    error'): its first page read, an unnamed file made and dropped beside it. None when
+    both work."""
+    try:
+        with open(path, 'rb') as file:
+            file.read(4096)
+        os.close(os.open(os.path.dirname(path), os.O_TMPFILE | os.O_WRONLY, 0o600))
+    except OSError as error:
+        return OS_ERROR_MEANINGS.get(error.errno)
+    return None
+
+
+def readiness_problem():
+    """Why this instance should take no traffic now, in words; None when it may: write
+    health, renewed by a probe at most once a second, so that every worker and replica
+    finds a failing disk or server itself."""
+    sqlite_file = getattr(db.obj, 'file', None)
+    with contextlib.suppress(StorageFault):
+        if sqlite_file is not None:
+            sqlite_file.check()
+        if not health.renew(_probe_writes):
+            _query_answers()
+    if sqlite_file is not None and sqlite_file.fault:
+        return sqlite_file.words()
+    return health.problem
+
+
+def _query_answers():
+    """Between probes, a query shows that the database still answers (a server stopped)."""
+    try:
+        db.execute_sql('SELECT 1')
+    except DATABASE_DOWN as error:
+        note_database_failure(error)
+
+
+def _probe_writes():
+    """A write that leaves nothing behind but proves writes commit: a schema_version row of
+    version 0 added and deleted in one transaction still makes the database write and sync
+    a page (an UPDATE to the same value would not: SQLite skips it). A probe kept waiting
+    for the writers' queue proves nothing either way."""
+    with contextlib.suppress(*DATABASE_DOWN):  # write_transaction has noted it
+        with write_transaction(wait=PROBE_WAIT):
+            SchemaVersion.insert(version=0, applied_at=0).execute()
+            SchemaVersion.delete().where(SchemaVersion.version == 0).execute()
 
 
 def email_key(email):
@@ -291,22 +820,34 @@ def digest(text):
 
 def connect(url):
     """Bind the models to the database at `url`; no connection is opened yet."""
+    global health
     scheme = url.split(':', 1)[0].split('+', 1)[0]
     in_url = db_url.parse(url)
+    in_file = False
     if scheme == 'sqlite':
         options = SQLITE_OPTIONS
         in_file = in_url['database'] not in ('', ':memory:')
-        if in_file:
+        # At the start only: a worker forked later, with its folder failing, answers 503
+        # (gunicorn would stop the whole service for a worker that fails to boot).
+        if in_file and os.path.abspath(in_url['database']) not in _sqlite_files:
             _require_writable_folder(os.path.dirname(os.path.abspath(in_url['database'])))
-        _sqlite_writers.use_file(f"{in_url['database']}-lock" if in_file else None)
+        # The writers' queue waits as long as SQLite's busy handler would.
+        _sqlite_writers.use_file(f"{in_url['database']}-lock" if in_file else None,
+                                 in_url.get('timeout', options['timeout']))
     else:
         options = SERVER_OPTIONS.get(scheme.replace('postgresql', 'postgres'), {})
         # A server's connections are pooled, `+pool` or not (a pool per worker, filled after
         # the fork): opening one per request cost GET 7/8 of its speed on PostgreSQL.
         url = url.replace('://', '+pool://', 1) if '+' not in url.split('://', 1)[0] else url
     # Options spelled out in the URL's query string win over these defaults.
-    database = db_url.connect(url, **{k: v for k, v in options.items() if k not in in_url})
+    options = {k: v for k, v in options.items() if k not in in_url}
+    if in_file:  # a file that must stay the one the instance started on
+        pooled = '+pool' in url.split('://', 1)[0]
+        database = (PooledSqliteFileDatabase if pooled else SqliteFileDatabase)(**in_url, **options)
+    else:
+        database = db_url.connect(url, **options)
     db.initialize(database)
+    health = _WriteHealth()
     _statements.clear()
     return database
 
@@ -406,14 +947,32 @@ def _default(column):
 
 
 @contextlib.contextmanager
-def write_transaction():
-    """A transaction for writes; on SQLite it begins IMMEDIATE (see SQLITE_OPTIONS)."""
-    if is_sqlite():
-        with _sqlite_writers, db.atomic():
-            yield
-    else:
-        with db.atomic():
-            yield
+def write_transaction(wait=None):
+    """A transaction for writes; on SQLite it begins IMMEDIATE (see SQLITE_OPTIONS) once
+    the writers' queue gives it its turn (within `wait` seconds, by default the busy
+    timeout), and commits only into the file the instance started on: a file replaced or
+    removed under the service is found before the commit (one stat). What it meets counts
+    for write health (see readiness_problem)."""
+    database = db.obj
+    try:
+        if isinstance(database, peewee.SqliteDatabase):
+            _sqlite_writers.take(wait)
+            try:
+                with database.atomic():
+                    yield
+                    if isinstance(database, SqliteFileDatabase):
+                        database.file.check()
+            finally:
+                _sqlite_writers.release()
+        else:
+            with database.atomic():
+                yield
+    except peewee.PeeweeException as error:
+        fault = note_database_failure(error) if is_database_failure(error) else None
+        if fault is not None:
+            raise fault from error
+        raise
+    health.worked()
 
 
 def write_together(work):
@@ -551,13 +1110,16 @@ def truncate_wal():
     """On SQLite, copy the WAL into the database file and empty it; True when done."""
     if not is_sqlite():
         return True
-    with _sqlite_writers:  # this process's writers queue here rather than in the busy handler
-        (busy_timeout,) = db.execute_sql('PRAGMA busy_timeout').fetchone()
-        db.execute_sql(f'PRAGMA busy_timeout = {min(busy_timeout, CHECKPOINT_WAIT_MS)}')
-        try:
-            busy, _, _ = db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
-        finally:
-            db.execute_sql(f'PRAGMA busy_timeout = {busy_timeout}')
+    try:
+        with _sqlite_writers:  # this process's writers queue here rather than in the busy handler
+            (busy_timeout,) = db.execute_sql('PRAGMA busy_timeout').fetchone()
+            db.execute_sql(f'PRAGMA busy_timeout = {min(busy_timeout, CHECKPOINT_WAIT_MS)}')
+            try:
+                busy, _, _ = db.execute_sql('PRAGMA wal_checkpoint(TRUNCATE)').fetchone()
+            finally:
+                db.execute_sql(f'PRAGMA busy_timeout = {busy_timeout}')
+    except WriterLockTimeout:
+        return False  # the queue was held past the busy timeout: tried again later
     return not busy
 
 

@@ -130,8 +130,11 @@ class Courier:
                     self.deliver_due()
                 pause = self._seconds_until_due()
             except Exception as error:
-                self.log.error('%s delivery round failed: %s', self.channel.name,
-                               describe_unexpected(error))
+                if models.is_database_failure(error):  # logged once per change of write health
+                    models.note_database_failure(error)
+                else:
+                    self.log.error('%s delivery round failed: %s', self.channel.name,
+                                   describe_unexpected(error))
                 if isinstance(error, peewee.PeeweeException):
                     metrics.DATABASE_ERRORS.inc()
                 _close_quietly()  # reconnect on the next round: the database may be back

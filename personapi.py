@@ -9,6 +9,7 @@ the module-level `app`, for `gunicorn personapi:app`, builds them from the envir
 
 import json
 import re
+import sqlite3
 import time
 
 import email_validator
@@ -24,9 +25,10 @@ import ratelimit
 from config import Config, parse_networks, rate_limiting_enabled
 from docs import (ASSETS_PATH, JSON, MAX_IDEMPOTENCY_KEY, MAX_PERSON_ID, MERGE_PATCH,
                   PERSON_FIELDS, DocsAsset, DocsPage, Index, OpenAPI, openapi_document)
-from edge import (BearerToken, ConnectionPerRequest, RateLimit, RequestId,
-                  SecurityHeaders, handle_database_down, handle_unexpected, serialize_error)
-from models import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, IdempotencyKey, Person, db
+from edge import (BearerToken, ConnectionPerRequest, RateLimit, RequestId, SecurityHeaders,
+                  database_unavailable, handle_database_error, handle_unexpected,
+                  serialize_error)
+from models import MAX_EMAIL_LENGTH, MAX_NAME_LENGTH, IdempotencyKey, Person
 
 MAX_BODY_BYTES = 64 * 1024
 PERSON_ROUTE = '/person/{person_id:person_id}'
@@ -233,6 +235,8 @@ def _conflict():
 
 
 def _not_found(person_id):
+    """The 404 for an id no row has, once the database is known not to have lost it."""
+    models.confirm_no_person(person_id)
     return falcon.HTTPNotFound(description=f'No person has the id {person_id}.')
 
 
@@ -417,11 +421,14 @@ class Health:
 
 
 class Readiness:
+    """Ready while writes work (see models.readiness_problem); the log says why not."""
+
     def __init__(self, limiter=None):
         self._limiter = limiter
 
     def on_get(self, req, resp):
-        db.execute_sql('SELECT 1')  # a failure is the database handler's 503
+        if models.readiness_problem():
+            raise database_unavailable('Writes to the database fail; the log says why.')
         resp.media = {'status': 'ready'}
         # Still ready: writes go on unlimited (ratelimit.py), and every replica shares the store.
         if self._limiter and not self._limiter.storage_answers():
@@ -450,7 +457,8 @@ def create_app(config, courier):
     app.req_options.strip_url_path_trailing_slash = True
     app.set_error_serializer(serialize_error)
     app.add_error_handler(Exception, handle_unexpected)
-    app.add_error_handler(models.DATABASE_DOWN, handle_database_down)
+    app.add_error_handler((peewee.DatabaseError, peewee.InterfaceError, sqlite3.Error),
+                          handle_database_error)
     app.add_error_handler(falcon.HTTPRouteNotFound, handle_route_not_found)
     app.add_route('/person', PersonCollection(courier, config.idempotency_ttl,
                                               config.body_timeout))

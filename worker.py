@@ -16,6 +16,9 @@ gunicorn's gthread worker, changed where clients could hold it.
 - Ctrl-C (SIGINT to master and workers alike) and SIGQUIT stop the worker from its event
   loop, not inside the signal handler: shutting the thread pool down in a handler
   deadlocks when the master's SIGQUIT interrupts the terminal's SIGINT (CPython gh-121649).
+- A worker whose master is gone (killed with kill -9) stops as on Ctrl-C, its port freed
+  first: gunicorn's graceful stop would keep the port for up to graceful_timeout, and a
+  master started again could not bind it.
 
 Plain HTTP/1.1 only: TLS ends in front of the service.
 """
@@ -114,8 +117,11 @@ class Worker(ThreadWorker):
         self.method_queue.defer(self.quit)
 
     def quit(self):
-        """Stop now, from the event loop. Requests in progress end without waiting on their
-        clients: a stalled body reads as ended (400), an answer is still written."""
+        """Stop now, from the event loop, the port freed first. Requests in progress end
+        without waiting on their clients: a stalled body reads as ended (400), an answer is
+        still written."""
+        for listener in self.sockets:
+            listener.close()
         for conn in self.busy:
             try:
                 conn.sock.shutdown(socket.SHUT_RD)
@@ -124,6 +130,13 @@ class Worker(ThreadWorker):
         self.tpool.shutdown(wait=False, cancel_futures=True)
         self.cfg.worker_int(self)
         sys.exit(0)
+
+    def is_parent_alive(self):
+        """The master gone (kill -9), stop at once: quit() does not return."""
+        if super().is_parent_alive():
+            return True
+        self.stopping_at_once = True
+        self.quit()
 
     # --- Waiting on clients in the event loop --------------------------------------------
 

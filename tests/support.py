@@ -7,6 +7,7 @@ import email
 import email.policy
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -155,8 +156,8 @@ def http(method, url, body=None, headers=None, timeout=10.0):
 class Service:
     """`gunicorn personapi:app` with the project's gunicorn.conf.py, in its own process group."""
 
-    def __init__(self, env, workers=2, log_path=None):
-        self.port = free_port()
+    def __init__(self, env, workers=2, log_path=None, port=None):
+        self.port = port or free_port()
         self.url = f'http://127.0.0.1:{self.port}'
         self.env = {**os.environ, 'WEB_CONCURRENCY': str(workers), **env}
         self.log_path = log_path
@@ -249,3 +250,13 @@ class TcpProxy:
         for end in (source, sink):
             with contextlib.suppress(OSError):
                 end.shutdown(socket.SHUT_RDWR)
+
+
+def error_lines(log_path, text):
+    """{pid: how many ERROR lines hold `text`} in a gunicorn log of the text format."""
+    counts = {}
+    for line in log_path.read_text().splitlines():
+        found = re.match(r'\[[^]]+\] \[(\d+)\] \[ERROR\] ', line)
+        if found and text in line:
+            counts[int(found.group(1))] = counts.get(int(found.group(1)), 0) + 1
+    return counts

@@ -7,7 +7,10 @@ import fcntl
 import json
 import multiprocessing
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -18,6 +21,7 @@ import webtest
 import models
 import personapi
 from models import IdempotencyKey, Person
+from support import Service, error_lines, one_engine
 from test_api import ADA, GRACE, post, send, snapshot
 from test_service import in_parallel, person
 
@@ -315,6 +319,17 @@ def test_writers_of_other_processes_wait_in_the_queue(sqlite_file):
     assert done.wait(5)
 
 
+def test_a_write_gives_up_on_a_held_queue_at_the_busy_timeout(sqlite_file, database_url):
+    models.connect(f'{database_url}?timeout=1')
+    with writer_queue_held(sqlite_file):  # held by this process, as /proc/locks says
+        started = time.monotonic()
+        with pytest.raises(models.WriterLockTimeout, match=f'process {os.getpid()} holds it'):
+            models.write_together(creation(1, [], sqlite_file))
+        assert 1 <= time.monotonic() - started < 5
+    # The wait given up lets the lock go as soon as it gets it: the queue works on.
+    assert isinstance(models.write_together(creation(2, [], sqlite_file)), int)
+
+
 def hold_the_queue_in_the_child(started, release):
     with models._sqlite_writers:  # the queue alone: the parent's connection is not the child's
         started.set()
@@ -369,6 +384,44 @@ def test_a_process_forked_while_a_thread_writes_can_write_once_it_is_done(sqlite
 
 
 # --- Against real gunicorn ------------------------------------------------------------------
+
+HOLD_THE_QUEUE = '''
+import fcntl, os, sys
+descriptor = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(descriptor, fcntl.LOCK_EX)
+print('held', flush=True)
+sys.stdin.read()
+'''
+
+
+@one_engine
+def test_a_write_waits_for_a_stopped_writer_no_longer_than_the_busy_timeout(service_env,
+                                                                            tmp_path):
+    """A process stopped (SIGSTOP) while it holds the writers' queue: what a worker frozen
+    in a write does to every other writer. Past the busy timeout, 503 and a line naming it."""
+    url = service_env['DATABASE_URL'] + '?timeout=2'
+    log_path = tmp_path / 'gunicorn.log'
+    service = Service({**service_env, 'DATABASE_URL': url}, log_path=log_path).start()
+    holder = subprocess.Popen(
+        [sys.executable, '-c', HOLD_THE_QUEUE, service_env['DATABASE_URL'].removeprefix(
+            'sqlite:///') + '-lock'], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == 'held\n'
+        holder.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        status, headers, body = service.request('POST', '/person', person(1))
+        assert 2 <= time.monotonic() - started < 10
+        assert (status, headers['Retry-After'], body['title']) == (503, '5',
+                                                                  'Database unavailable')
+        assert error_lines(log_path, f"writers' queue: process {holder.pid} holds it")
+        holder.send_signal(signal.SIGCONT)
+        holder.stdin.close()  # it ends, and its flock with it
+        assert holder.wait(10) == 0
+        assert [service.request('POST', '/person', person(n))[0] for n in (1, 2)] == [201] * 2
+    finally:
+        holder.kill()
+        service.kill()
+
 
 def test_concurrent_patches_of_one_person_lose_no_change(service):
     ids = [service.request('POST', '/person', person(n))[2]['id'] for n in range(60)]

@@ -1,9 +1,11 @@
 """End to end against a real `gunicorn personapi:app` with two workers."""
 
 import concurrent.futures
+import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,7 +13,7 @@ import time
 import pytest
 
 import models
-from support import ROOT, Service, SmtpSink, free_port
+from support import ROOT, Service, SmtpSink, free_port, one_engine, wait_until
 
 
 def person(number):
@@ -104,6 +106,55 @@ def test_sigterm_stops_gracefully_and_promptly(service):
     service.process.send_signal(signal.SIGTERM)
     assert service.process.wait(15) == 0
     assert time.monotonic() - started < 10
+
+
+def port_is_free(port):
+    """Whether a new service may listen on `port`: gunicorn.conf.py's own check."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(('127.0.0.1', port))
+        except OSError:
+            return False
+        return True
+
+
+def running(pid):
+    """Whether the process `pid` runs (a zombie has ended: its reaper may be slow)."""
+    try:
+        with open(f'/proc/{pid}/stat') as stat:
+            return stat.read().rpartition(')')[2].split()[0] != 'Z'
+    except FileNotFoundError:
+        return False
+
+
+@one_engine
+def test_a_killed_masters_workers_end_at_once_and_free_the_port(service_env, tmp_path):
+    service = Service(service_env, log_path=tmp_path / 'gunicorn.log').start()
+    master = service.process.pid
+    with open(f'/proc/{master}/task/{master}/children') as children:
+        workers = [int(pid) for pid in children.read().split()]
+    clients = []
+    try:
+        for _ in range(8):  # clients the workers would wait for: heads trickling in, bodies stalled
+            client = socket.create_connection(('127.0.0.1', service.port))
+            client.sendall(b'POST /person HTTP/1.1\r\nHost: x\r\nContent-Length: 99\r\n')
+            clients.append(client)
+        for client in clients[::2]:
+            client.sendall(b'Content-Type: application/json\r\n\r\n{')
+        killed = time.monotonic()
+        os.kill(master, signal.SIGKILL)
+        assert wait_until(lambda: port_is_free(service.port), timeout=5)
+        freed = time.monotonic() - killed
+        assert wait_until(lambda: not any(running(pid) for pid in workers), timeout=5)
+        print(f'port free {freed:.1f} s, workers gone {time.monotonic() - killed:.1f} s '
+              'after the master was killed')
+        Service(service_env, port=service.port, log_path=tmp_path / 'gunicorn.log').start().kill()
+    finally:
+        for client in clients:
+            client.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(master, signal.SIGKILL)  # the workers, if still there
 
 
 def test_the_master_holds_no_database_connection_to_share_with_workers(service, service_env):
