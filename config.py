@@ -87,7 +87,7 @@ REDIS_SCHEMES = re.compile(r'(redis|rediss|redis\+unix|redis\+sentinel|redis\+cl
 
 
 def _storage(value):
-    return value == 'instance://' or bool(REDIS_SCHEMES.match(value)) and _parses(
+    return value in ('instance://', 'memory://') or bool(REDIS_SCHEMES.match(value)) and _parses(
         lambda url: urllib.parse.urlsplit(url).port)(value)
 
 
@@ -133,7 +133,8 @@ class Config:
     mail_failed_retention: float = _setting(7 * 24 * 3600.0, 'more than 0 seconds', _positive)
     rate_limit: str = _setting('60/minute', 'off, or a limit such as 60/minute', _rate_limit)
     rate_limit_storage: str = _setting('instance://', "instance:// (this instance's workers "
-                                       'share the counts) or redis://host:port/db', _storage)
+                                       'share the counts; memory:// is its former name) or '
+                                       'redis://host:port/db', _storage)
     api_token: str = _setting('', 'empty, or visible ASCII characters without spaces',
                               lambda value: value == '' or (value.isascii() and value.isprintable()
                                                             and ' ' not in value))

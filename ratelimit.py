@@ -32,6 +32,9 @@ from models import WriterQueue
 log = logging.getLogger('personapi')
 
 INSTANCE = 'instance://'
+# The former default's name: it counted per worker, so a limit grew with the workers; it
+# means the instance now, as an operator who set it meant.
+INSTANCE_ALIASES = (INSTANCE, 'memory://')
 # Redis must answer within this, or the write goes unchecked: a Redis that stopped without
 # closing its connections would otherwise hold every write until the kernel gives up.
 REDIS_TIMEOUT = 0.5
@@ -174,7 +177,7 @@ class InstanceStorage(limits.storage.Storage, limits.storage.MovingWindowSupport
 
 def open_storage(uri):
     """The storage RATE_LIMIT_STORAGE names."""
-    if uri == INSTANCE:
+    if uri in INSTANCE_ALIASES:
         return InstanceStorage(_instance_file)
     return limits.storage.storage_from_string(uri, socket_timeout=REDIS_TIMEOUT,
                                               socket_connect_timeout=REDIS_TIMEOUT)

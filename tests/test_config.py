@@ -22,7 +22,7 @@ BAD_VALUES = [
     ('MAIL_MAX_BACKOFF', '0'), ('MAIL_MAX_BACKOFF', '0.5'), ('MAIL_CONCURRENCY', '0'),
     ('MAIL_CONCURRENCY', '1.5'), ('MAIL_GIVE_UP_AFTER', '0'), ('MAIL_FAILED_RETENTION', '-5'),
     ('RATE_LIMIT', '2/fortnight'), ('RATE_LIMIT', 'lots'), ('RATE_LIMIT_STORAGE', 'redis'),
-    ('RATE_LIMIT_STORAGE', 'postgres://x'), ('RATE_LIMIT_STORAGE', 'memory://'),
+    ('RATE_LIMIT_STORAGE', 'postgres://x'), ('RATE_LIMIT_STORAGE', 'memory:/'),
     ('RATE_LIMIT_STORAGE', 'redis://cache:port/0'), ('API_TOKEN', 'two words'), ('API_TOKEN', 'tökén'),
     ('BODY_TIMEOUT', '-1'), ('BODY_TIMEOUT', '0'), ('HEADER_TIMEOUT', '0'), ('HEADER_TIMEOUT', 'nan'),
     ('FORWARDED_ALLOW_IPS', '10.0.0.300'),

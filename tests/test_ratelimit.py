@@ -95,8 +95,10 @@ def register(service, client=None):
                            headers=headers)[0]
 
 
-def test_the_limit_holds_for_the_instance_whatever_its_workers(start):
-    service = start()
+@pytest.mark.parametrize('storage', ['instance://', 'memory://'])
+def test_the_limit_holds_for_the_instance_whatever_its_workers(start, storage):
+    """memory://, the former default, counted per worker: it means the instance now."""
+    service = start(RATE_LIMIT_STORAGE=storage)
     assert [register(service) for _ in range(10)] == [201] * 5 + [429] * 5
 
 
