@@ -21,8 +21,12 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 run: $(BIN)/.installed  ## serve the API on 127.0.0.1:8000 (another port: PORT=8001; SQLite in data/)
 	$(BIN)/python config.py $(BIN)/gunicorn --bind 127.0.0.1:$(PORT) personapi:app
 
-test: $(BIN)/.installed  ## the whole test suite
-	$(BIN)/pytest -q tests
+# Tests mostly wait (on gunicorn, SMTP, database servers, deadlines): more processes than
+# cores shorten the run; TEST_PROCESSES=0 runs them in this one process.
+TEST_PROCESSES ?= 4
+
+test: $(BIN)/.installed  ## the whole test suite (in TEST_PROCESSES processes, default 4)
+	$(BIN)/pytest -q -n $(TEST_PROCESSES) tests
 
 $(BIN)/.installed-fuzz: $(BIN)/.installed requirements-fuzz.txt
 	$(PIP) -r requirements-fuzz.txt
