@@ -8,6 +8,7 @@ the module-level `app`, for `gunicorn personapi:app`, builds them from the envir
 """
 
 import base64
+import hashlib
 import hmac
 import json
 import re
@@ -322,17 +323,18 @@ PAGE_SIZES = {str(size): size for size in range(1, MAX_PAGE_SIZE + 1)}
 
 
 class Cursors:
-    """A page's cursor: the last id of the page before it and an HMAC of that id, 24 bytes
-    in base64url, which only the service can make. Its key is made once and kept in the
-    database (models.service_key), not made by each process nor read from a setting: every
-    worker and replica reads the others' cursors, a restart keeps them, and replicas cannot
-    be set up to disagree. A cursor stays valid as long as the database: ids are never reused.
-    """
+    """A page's cursor: the last id of the page before it and a MAC of that id (keyed
+    BLAKE2b, a third of HMAC-SHA256's cost), 24 bytes in base64url: only the service can
+    make one. Its key is made once and kept in the database (models.service_key), not made
+    by each process nor read from a setting: every worker and replica reads the others'
+    cursors, a restart keeps them, and replicas cannot be set up to disagree. A cursor
+    stays valid as long as the database: ids are never reused."""
 
     TEXT = re.compile(CURSOR + r'\Z')
 
     def __init__(self, key=None):
         self._key = key  # None: the database's, read at the first use (not at start)
+        self._keyed = None  # BLAKE2b with the key taken in, copied for each MAC
 
     def make(self, last_id):
         id_bytes = last_id.to_bytes(8, 'big')
@@ -348,9 +350,12 @@ class Cursors:
         return int.from_bytes(raw[:8], 'big')
 
     def _mac(self, id_bytes):
-        if self._key is None:
-            self._key = models.service_key(models.CURSOR_KEY)
-        return hmac.digest(self._key, id_bytes, 'sha256')[:16]
+        if self._keyed is None:
+            key = self._key or models.service_key(models.CURSOR_KEY)
+            self._keyed = hashlib.blake2b(key=key, digest_size=16)
+        mac = self._keyed.copy()
+        mac.update(id_bytes)
+        return mac.digest()
 
 
 def _bad_parameter(name, problem):
@@ -367,7 +372,8 @@ def read_page_query(params, cursors):
                                  'which takes limit, cursor and email')
         if not isinstance(value, str):
             raise _bad_parameter(name, 'must be given once')
-    limit = PAGE_SIZES.get(params.get('limit', str(DEFAULT_PAGE_SIZE)))
+    given_limit = params.get('limit')
+    limit = DEFAULT_PAGE_SIZE if given_limit is None else PAGE_SIZES.get(given_limit)
     if limit is None:
         raise _bad_parameter('limit', f'must be a whole number from 1 to {MAX_PAGE_SIZE}')
     after, cursor, email = 0, params.get('cursor'), params.get('email')
@@ -391,12 +397,14 @@ def read_page_query(params, cursors):
 def page_json(rows, next_path, limit):
     """GET /person's document, the text encode_json makes of {"items": [person_document()
     of each row], "next": next_path, "limit": limit}, put together around the strings to
-    escape (as summary_json is): the encoder's set-up for 20 dicts cost two thirds more."""
-    items = ', '.join([f'{{"id": {person_id:d}, "first_name": {encode_string(first_name)}, '
+    escape (as summary_json is): the encoder's set-up for 20 dicts costs twice as much. The
+    ids are the database's integers: formatted without a spec (`:d` cost 18,000
+    instructions a page)."""
+    items = ', '.join([f'{{"id": {person_id}, "first_name": {encode_string(first_name)}, '
                        f'"last_name": {encode_string(last_name)}, "email": {encode_string(email)}}}'
                        for person_id, first_name, last_name, email in rows])
     next_json = 'null' if next_path is None else encode_string(next_path)
-    return f'{{"items": [{items}], "next": {next_json}, "limit": {limit:d}}}'
+    return f'{{"items": [{items}], "next": {next_json}, "limit": {limit}}}'
 
 
 # --- Resources ------------------------------------------------------------------------------
