@@ -171,6 +171,8 @@ def _list_operation(email):
         'responses': {'200': page,
                       '400': _error_response('Invalid query parameter (the description '
                                              'names it)'),
+                      '414': _error_response('Request line too long: refused by the server '
+                                             'before the app'),
                       **_error_responses(401, 503)}}
 
 

@@ -304,7 +304,7 @@ def test_the_document_describes_the_list_and_its_examples_are_a_real_request_and
     parameters = {parameter['name']: parameter for parameter in operation['parameters']}
     assert set(parameters) == {'limit', 'cursor', 'email'}
     assert all(parameter['in'] == 'query' for parameter in parameters.values())
-    assert set(operation['responses']) == {'200', '400', '401', '503'}
+    assert set(operation['responses']) == {'200', '400', '401', '414', '503'}
     assert 'Link' in operation['responses']['200']['headers']
     client.post_json('/person', ADA)  # the example person
     query = {name: parameter['example'] for name, parameter in parameters.items()
