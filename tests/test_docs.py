@@ -18,7 +18,8 @@ README = ROOT / 'README.md'
 # The README first, then every page under docs/: each page's examples run on a fresh service.
 PAGES = [README, *sorted((ROOT / 'docs').glob('*.md'))]
 JSON = 'application/json'
-PERSON_OPERATIONS = ['createPerson', 'getPerson', 'replacePerson', 'patchPerson', 'deletePerson']
+PERSON_OPERATIONS = ['listPersons', 'createPerson', 'getPerson', 'replacePerson', 'patchPerson',
+                     'deletePerson']
 
 
 @one_engine
