@@ -21,7 +21,7 @@ MAX_PERSON_ID = 2**63 - 1  # the largest id every engine's 64-bit integer holds
 MAX_IDEMPOTENCY_KEY = 255  # characters, each visible ASCII
 LIST_PARAMETERS = ('limit', 'cursor', 'email')  # GET /person's query
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100  # persons per page
-CURSOR = '[A-Za-z0-9_-]{32}'  # a page's cursor: 24 bytes (an id and its HMAC) in base64url
+CURSOR = '[A-Za-z0-9_-]{32}'  # a page's cursor: 24 bytes (an id and its MAC) in base64url
 
 # The document's examples, each a real request on a fresh service (tests/test_docs.py sends
 # them in this order: create, read, patch, replace, delete), with what it answers.
