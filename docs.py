@@ -24,12 +24,13 @@ DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100  # persons per page
 CURSOR = '[A-Za-z0-9_-]{32}'  # a page's cursor: 24 bytes (an id and its MAC) in base64url
 
 # The document's examples, each a real request on a fresh service (tests/test_docs.py sends
-# them in this order: create, read, patch, replace, delete), with what it answers.
+# them in this order: create, list, read, patch, replace, delete), with what it answers.
 ADA = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
 EXAMPLE_ID = 1
 EXAMPLE_PATCH = {'last_name': 'King'}
 EXAMPLE_REPLACEMENT = {'first_name': 'Augusta Ada', 'last_name': 'King', 'email': 'ada@example.com'}
 EXAMPLE_REQUEST_ID = '8377f9ada105-1'
+EXAMPLE_PAGE = {'items': [{'id': EXAMPLE_ID, **ADA}], 'next': None, 'limit': DEFAULT_PAGE_SIZE}
 
 
 class OpenAPI:
@@ -142,8 +143,8 @@ def _error_response(description, example=None):
 
 
 def _list_operation(email):
-    """GET /person: its parameters' and page's examples are those of a real request, made
-    after POSTing the example person."""
+    """GET /person: its parameters' and page's examples are a real request and its answer,
+    right after POST's example."""
     def parameter(name, description, schema, **example):
         return {'name': name, 'in': 'query', 'required': False, 'description': description,
                 'schema': schema, **example}
@@ -151,7 +152,8 @@ def _list_operation(email):
     page = {'description': 'A page of persons, in id order', 'headers': {'Link': {
         'schema': {'type': 'string'},
         'description': '`<next>; rel="next"` (RFC 8288), when a page follows'}},
-        'content': {JSON: {'schema': {'$ref': '#/components/schemas/PersonPage'}}}}
+        'content': {JSON: {'schema': {'$ref': '#/components/schemas/PersonPage'},
+                           'example': EXAMPLE_PAGE}}}
     return {
         'summary': 'List everyone page by page, or find a person by e-mail',
         'operationId': 'listPersons',
@@ -167,7 +169,7 @@ def _list_operation(email):
                       'before, never made by hand (the service refuses one it did not make)',
                       {'type': 'string', 'pattern': f'^{CURSOR}$'}),
             parameter('email', 'An exact address, in any case (not with `cursor`)', email,
-                      example='ada@example.com')],
+                      example=ADA['email'])],
         'responses': {'200': page,
                       '400': _error_response('Invalid query parameter (the description '
                                              'names it)'),
@@ -186,9 +188,7 @@ def _person_page():
                          'pattern': f'^/person\\?(limit=[0-9]+&)?cursor={CURSOR}$',
                          'description': 'The path of the next page; null on the last'},
                 'limit': {'type': 'integer', 'minimum': 1, 'maximum': MAX_PAGE_SIZE}},
-            'example': {'items': [{'id': 1, 'first_name': 'Ada', 'last_name': 'Lovelace',
-                                   'email': 'ada@example.com'}],
-                        'next': None, 'limit': DEFAULT_PAGE_SIZE}}
+            'example': EXAMPLE_PAGE}
 
 
 def openapi_document():

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.parse
 
 import pytest
 
@@ -128,8 +129,9 @@ def test_swagger_ui_tries_out_post_person_with_the_example(live, browser_page):
 # --- The OpenAPI document's examples --------------------------------------------------------
 
 # A person's life, in the order its operations' examples are sent to a fresh service.
-LIFE = [('post', '/person'), ('get', '/person/{person_id}'), ('patch', '/person/{person_id}'),
-        ('put', '/person/{person_id}'), ('delete', '/person/{person_id}')]
+LIFE = [('post', '/person'), ('get', '/person'), ('get', '/person/{person_id}'),
+        ('patch', '/person/{person_id}'), ('put', '/person/{person_id}'),
+        ('delete', '/person/{person_id}')]
 
 
 def resolved(document, schema):
@@ -167,7 +169,12 @@ def test_every_example_in_the_document_is_a_real_request(live):
         (status, response), = [(code, response) for code, response in operation['responses'].items()
                                if code.startswith('2')]
         answer = response.get('content', {}).get(JSON, {}).get('example')
+        query = {parameter['name']: parameter['example']
+                 for parameter in operation.get('parameters', [])
+                 if parameter['in'] == 'query' and 'example' in parameter}
+        checked += query.values()
         path = template.replace('{person_id}', str(person_id))
+        path += f'?{urllib.parse.urlencode(query)}' if query else ''
         assert live.request(method.upper(), path, body)[::2] == (int(status), answer), method
         checked += [answer, resolved(document, response.get('content', {}).get(JSON, {}).get(
             'schema', {})).get('example')]
