@@ -19,7 +19,7 @@ import webtest
 import models
 import personapi
 from models import Outbox, Person, ServiceKey
-from support import one_engine, wait_until
+from support import one_engine
 from test_api import _without_request_id
 from test_metrics import requests_total
 
@@ -152,44 +152,50 @@ def test_email_with_limit_answers_the_limit_given(client):
 
 
 WRITERS = 3
+WRITES_PER_PAGE = 2
 
 
 def test_a_walk_while_others_create_and_delete_sees_every_lasting_person_once(client):
-    """Each page is read only after the writers have created or deleted someone since the
-    page before; whoever existed from the walk's start to its end is seen exactly once."""
+    """Writers create and delete people while each page is read, WRITES_PER_PAGE of them
+    by the time the next page is asked for; whoever existed from the walk's start to its
+    end is seen exactly once. (The writes are counted out: unbounded, a run's DELETEs each
+    waited on the erasure's checkpoint and stretched the walk tenfold.)"""
     addresses = [f'i{n}@example.com' for n in range(40)]
     with models.write_transaction():  # one commit for all, not an fsync for each
         initial = [models.insert(Person, first_name='Ada', last_name='Lovelace', email=address,
                                  email_key=models.email_key(address)) for address in addresses]
-    alive, created, deleted = set(initial), set(), set()
-    lock, stop, writes = threading.Lock(), threading.Event(), [0]
-    failures = []
+    alive, created, deleted, failures = set(initial), set(), set(), []
+    turn, stop = threading.Condition(), threading.Event()
+    allowed, started, done = [0], [0], [0]
 
     def write(seed):
         rng = random.Random(seed)
         number = 0
-        while not stop.is_set():
+        while True:
+            with turn:
+                turn.wait_for(lambda: stop.is_set() or started[0] < allowed[0])
+                if stop.is_set():
+                    return
+                started[0] += 1
+                victim = rng.choice(sorted(alive)) if alive and rng.random() < 0.5 else None
+                alive.discard(victim)
             try:
-                with lock:
-                    victim = rng.choice(sorted(alive)) if alive and rng.random() < 0.5 else None
-                    if victim:
-                        alive.discard(victim)
                 if victim:
                     client.delete(f'/person/{victim}', status=204)
-                    with lock:
-                        deleted.add(victim)
                 else:
                     number += 1
                     body = {**ADA, 'email': f'w{seed}-{number}@example.com'}
                     person_id = client.post_json('/person', body, status=201).json['id']
-                    with lock:
-                        created.add(person_id)
-                        alive.add(person_id)
-                with lock:
-                    writes[0] += 1
             except Exception as error:  # noqa: BLE001 - reported by the test below
                 failures.append(error)
-                return
+            with turn:
+                if victim:
+                    deleted.add(victim)
+                elif not failures:
+                    created.add(person_id)
+                    alive.add(person_id)
+                done[0] += 1
+                turn.notify_all()
 
     threads = [threading.Thread(target=write, args=(seed,)) for seed in range(WRITERS)]
     for thread in threads:
@@ -197,18 +203,21 @@ def test_a_walk_while_others_create_and_delete_sees_every_lasting_person_once(cl
     seen, path, pages = [], '/person?limit=4', 0
     try:
         while path is not None:
-            with lock:
-                before = writes[0]
-            page = client.get(path).json
+            with turn:
+                allowed[0] += WRITES_PER_PAGE
+                turn.notify_all()
+            page = client.get(path).json  # while those writes run
             seen += [item['id'] for item in page['items']]
             path, pages = page['next'], pages + 1
-            assert wait_until(lambda: failures or writes[0] >= before + 2, timeout=20)
+            with turn:
+                assert turn.wait_for(lambda: failures or done[0] >= allowed[0], timeout=20)
             assert not failures, failures
     finally:
-        stop.set()
+        with turn:
+            stop.set()
+            turn.notify_all()
         for thread in threads:
             thread.join(30)
-    assert not failures, failures
     assert seen == sorted(set(seen)), 'ids must strictly increase: none twice, none back'
     lasting = set(initial) - deleted
     assert lasting <= set(seen), f'missed {sorted(lasting - set(seen))}'
