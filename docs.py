@@ -19,14 +19,18 @@ MERGE_PATCH = 'application/merge-patch+json'
 PERSON_FIELDS = ('first_name', 'last_name', 'email')
 MAX_PERSON_ID = 2**63 - 1  # the largest id every engine's 64-bit integer holds
 MAX_IDEMPOTENCY_KEY = 255  # characters, each visible ASCII
+LIST_PARAMETERS = ('limit', 'cursor', 'email')  # GET /person's query
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 100  # persons per page
+CURSOR = '[A-Za-z0-9_-]{32}'  # a page's cursor: 24 bytes (an id and its MAC) in base64url
 
 # The document's examples, each a real request on a fresh service (tests/test_docs.py sends
-# them in this order: create, read, patch, replace, delete), with what it answers.
+# them in this order: create, list, read, patch, replace, delete), with what it answers.
 ADA = {'first_name': 'Ada', 'last_name': 'Lovelace', 'email': 'ada@example.com'}
 EXAMPLE_ID = 1
 EXAMPLE_PATCH = {'last_name': 'King'}
 EXAMPLE_REPLACEMENT = {'first_name': 'Augusta Ada', 'last_name': 'King', 'email': 'ada@example.com'}
 EXAMPLE_REQUEST_ID = '8377f9ada105-1'
+EXAMPLE_PAGE = {'items': [{'id': EXAMPLE_ID, **ADA}], 'next': None, 'limit': DEFAULT_PAGE_SIZE}
 
 
 class OpenAPI:
@@ -127,13 +131,64 @@ def _error_responses(*statuses):
                     401: 'Missing or wrong bearer token', 503: 'Database unavailable',
                     412: 'If-Match names no current version of the person',
                     428: 'If-Match is required (REQUIRE_IF_MATCH)'}
-    responses = {}
-    for status in statuses:
-        content = {'schema': {'$ref': '#/components/schemas/Error'}}
-        if status in ERROR_EXAMPLES:
-            content['example'] = ERROR_EXAMPLES[status]
-        responses[str(status)] = {'description': descriptions[status], 'content': {JSON: content}}
-    return responses
+    return {str(status): _error_response(descriptions[status], ERROR_EXAMPLES.get(status))
+            for status in statuses}
+
+
+def _error_response(description, example=None):
+    content = {'schema': {'$ref': '#/components/schemas/Error'}}
+    if example:
+        content['example'] = example
+    return {'description': description, 'content': {JSON: content}}
+
+
+def _list_operation(email):
+    """GET /person: its parameters' and page's examples are a real request and its answer,
+    right after POST's example."""
+    def parameter(name, description, schema, **example):
+        return {'name': name, 'in': 'query', 'required': False, 'description': description,
+                'schema': schema, **example}
+
+    page = {'description': 'A page of persons, in id order', 'headers': {'Link': {
+        'schema': {'type': 'string'},
+        'description': '`<next>; rel="next"` (RFC 8288), when a page follows'}},
+        'content': {JSON: {'schema': {'$ref': '#/components/schemas/PersonPage'},
+                           'example': EXAMPLE_PAGE}}}
+    return {
+        'summary': 'List everyone page by page, or find a person by e-mail',
+        'operationId': 'listPersons',
+        'description': 'Everyone in id order, `limit` at a time: follow `next` until it is '
+                       'null. A walk sees every person who exists for the whole of it once, '
+                       'while others write. With `email`, the person with that address (in '
+                       'any case) or no one. Any other parameter, or one given twice, is 400.',
+        'parameters': [
+            parameter('limit', 'Persons per page', {
+                'type': 'integer', 'minimum': 1, 'maximum': MAX_PAGE_SIZE,
+                'default': DEFAULT_PAGE_SIZE}, example=DEFAULT_PAGE_SIZE),
+            parameter('cursor', 'Where the page starts: taken from the `next` of the page '
+                      'before, never made by hand (the service refuses one it did not make)',
+                      {'type': 'string', 'pattern': f'^{CURSOR}$'}),
+            parameter('email', 'An exact address, in any case (not with `cursor`)', email,
+                      example=ADA['email'])],
+        'responses': {'200': page,
+                      '400': _error_response('Invalid query parameter (the description '
+                                             'names it)'),
+                      '414': _error_response('Request line too long: refused by the server '
+                                             'before the app'),
+                      **_error_responses(401, 503)}}
+
+
+def _person_page():
+    return {'type': 'object', 'additionalProperties': False,
+            'required': ['items', 'next', 'limit'],
+            'properties': {
+                'items': {'type': 'array', 'maxItems': MAX_PAGE_SIZE,
+                          'items': {'$ref': '#/components/schemas/Person'}},
+                'next': {'type': 'string', 'nullable': True,
+                         'pattern': f'^/person\\?(limit=[0-9]+&)?cursor={CURSOR}$',
+                         'description': 'The path of the next page; null on the last'},
+                'limit': {'type': 'integer', 'minimum': 1, 'maximum': MAX_PAGE_SIZE}},
+            'example': EXAMPLE_PAGE}
 
 
 def openapi_document():
@@ -207,6 +262,7 @@ def openapi_document():
             'Idempotent-Replayed': {'schema': {'type': 'string', 'enum': ['true']},
                                     'description': 'Present on a replay'}}),
             **_error_responses(409, *writes)}}}
+    collection['get'] = _list_operation(email)
     problems = {'type': 'array', 'items': {'$ref': '#/components/schemas/Problem'},
                 'description': "A 422's problems, all of them: the body's `id` first, then "
                                'first_name, last_name and email, then the fields the schema '
@@ -254,6 +310,7 @@ def openapi_document():
                 'PersonEmail': {'type': 'object', 'additionalProperties': False,
                                 'required': ['id', 'email'],
                                 'properties': {'id': person_id, 'email': email}},
+                'PersonPage': _person_page(),
                 'Status': status,
                 'Index': {'type': 'object', 'required': ['title', 'docs', 'openapi'],
                           'properties': {key: {'type': 'string'}

@@ -1,5 +1,5 @@
-"""Storage: the Person, IdempotencyKey and Outbox models, bound at start-up to DATABASE_URL,
-and the schema's migrations.
+"""Storage: the Person, IdempotencyKey, Outbox and ServiceKey models, bound at start-up to
+DATABASE_URL, and the schema's migrations.
 
 `python models.py migrate` creates the schema or brings an older one up to date; gunicorn's
 master does it before forking. `python models.py check | backup FILE | restore FILE` are
@@ -18,6 +18,7 @@ import math
 import mmap
 import os
 import queue
+import secrets
 import sqlite3
 import sys
 import tempfile
@@ -226,7 +227,22 @@ class SchemaVersion(BaseModel):
         table_name = 'schema_version'
 
 
-MODELS = [Person, IdempotencyKey, Outbox, SchemaVersion]
+class ServiceKey(BaseModel):
+    """A random key the service made for itself (see service_key()): kept in the database,
+    so that every worker and replica has the same one, and it outlives restarts."""
+
+    name = peewee.CharField(max_length=32, primary_key=True)
+    value = peewee.FixedCharField(max_length=64)  # 32 random bytes, in hex
+
+    class Meta:
+        table_name = 'service_key'
+
+
+CURSOR_KEY = 'list-cursor'  # signs the cursors of GET /person's pages
+SERVICE_KEYS = (CURSOR_KEY,)
+
+
+MODELS = [Person, IdempotencyKey, Outbox, SchemaVersion, ServiceKey]
 
 # The hot paths' SQL, built once per bound database (connect() empties it): peewee's query
 # builder costs more than running the statement (30 times more for the lookup by id).
@@ -892,6 +908,37 @@ def find_email_and_version(person_id):
     return db.execute_sql(sql, (person_id,)).fetchone()
 
 
+def persons_after(after, limit):
+    """Up to `limit` persons whose ids are above `after`, in id order, as (id, first_name,
+    last_name, email): a range of the primary key, as cheap at the millionth row as at
+    the first (an OFFSET would read every row before it)."""
+    sql = _statement('persons_after', lambda: Person.select(
+        Person.id, Person.first_name, Person.last_name, Person.email).where(
+        Person.id > 0).order_by(Person.id).limit(1))
+    return db.execute_sql(sql, (after, limit)).fetchall()
+
+
+def persons_with_email(email):
+    """The person whose address is `email` but for case, as persons_after() gives rows: a
+    list of one row or none, found through the unique index on email_key."""
+    sql = _statement('persons_with_email', lambda: Person.select(
+        Person.id, Person.first_name, Person.last_name, Person.email).where(
+        Person.email_key == ''))
+    return db.execute_sql(sql, (email_key(email),)).fetchall()
+
+
+def service_key(name):
+    """The random key called `name` (32 bytes, made by migrate()): the same for every
+    process that uses this database, for as long as the database lasts."""
+    return bytes.fromhex(ServiceKey.get(ServiceKey.name == name).value)
+
+
+def _make_service_keys():
+    """Make each of SERVICE_KEYS that the database does not hold yet."""
+    for name in SERVICE_KEYS:
+        ServiceKey.insert(name=name, value=secrets.token_hex(32)).on_conflict_ignore().execute()
+
+
 def update_person(person_id, fields, versions=None):
     """Set `fields` of the person and count the change, if it is at one of `versions`
     (None: at any); returns the person as changed, or None when no row qualified.
@@ -1190,9 +1237,15 @@ def _version_3():
     db.execute_sql('DROP TABLE outbox_v2')
 
 
+def _version_4():
+    """The service's own keys: the one that signs list cursors."""
+    db.create_tables([ServiceKey], safe=True)
+    _make_service_keys()
+
+
 # MIGRATIONS[n - 2] brings a database of schema version n - 1 to version n. Version 1 is the
 # schema made before versions were recorded; a new step goes at the end.
-MIGRATIONS = [_version_2, _version_3]
+MIGRATIONS = [_version_2, _version_3, _version_4]
 SCHEMA_VERSION = len(MIGRATIONS) + 1
 
 
@@ -1205,6 +1258,7 @@ def migrate():
         if version is None:
             with db.atomic():
                 db.create_tables(MODELS)
+                _make_service_keys()
                 SchemaVersion.create(version=SCHEMA_VERSION)
             return
         for version in range(version + 1, SCHEMA_VERSION + 1):

@@ -1,8 +1,10 @@
-"""The ceilings: the service's GET and POST as bare WSGI callables over the database's own
-driver (stdlib sqlite3, psycopg2 or PyMySQL, as DATABASE_URL says).
+"""The ceilings: the service's GET, list and POST as bare WSGI callables over the database's
+own driver (stdlib sqlite3, psycopg2 or PyMySQL, as DATABASE_URL says).
 
 `app`, the bare ceiling: no framework, no ORM, no validation, no outbox, no mail: what
-gunicorn, Python and the database allow on this machine. Same `person` table, one
+gunicorn, Python and the database allow on this machine. Its list (`GET /person?cursor=<id>`,
+pages of 20) runs the service's keyset query and puts the page together as the service
+does; its cursor is the bare id, with no signature to make or check. Same `person` table, one
 connection per worker thread, opened on its first request (so after the fork) and kept
 open. On SQLite, the service's PRAGMAs and durability (WAL, synchronous=FULL), busy timeout
 and BEGIN IMMEDIATE; on a server, its defaults (a commit waits for its log on disk).
@@ -59,6 +61,9 @@ MESSAGE = ('From: Person API <' + MAIL_FROM + '>\r\n'
            '\r\n'
            'you are now registered with the Person API.\r\n')
 SELECT_PERSON = 'SELECT id, email FROM person WHERE id = ?'
+PAGE = 20
+LIST_PERSONS = ('SELECT id, first_name, last_name, email FROM person WHERE id > ? '
+                'ORDER BY id LIMIT ?')
 INSERT_PERSON = 'INSERT INTO person (first_name, last_name, email, email_key) VALUES (?, ?, ?, ?)'
 INSERT_OUTBOX = ("INSERT INTO outbox (person_id, status, created_at, due_at, attempts, claim,"
                  " last_error) VALUES (?, 'pending', ?, ?, 0, '', '')")
@@ -74,6 +79,7 @@ CLAIMED = ("SELECT outbox.id, person.email, person.first_name, person.last_name 
            "JOIN person ON person.id = outbox.person_id WHERE outbox.claim = ?")
 DELETE_SENT = 'DELETE FROM outbox WHERE id IN ({ids})'
 
+_string = json.encoder.encode_basestring  # a str in JSON, as the service writes it
 log = logging.getLogger('ceiling')
 _local = threading.local()
 
@@ -164,6 +170,25 @@ def get_person(start_response, person_id):
     return _respond(start_response, '200 OK', {'id': row[0], 'email': row[1]})
 
 
+def list_persons(environ, start_response):
+    """A page of PAGE persons after the id `cursor=<id>` (the whole query), put together as
+    the service puts its page together: json.dumps of 20 dicts costs more than the rest."""
+    query = environ.get('QUERY_STRING', '')
+    after = int(query[7:]) if query.startswith('cursor=') else 0
+    rows = _connection().execute(LIST_PERSONS, (after, PAGE + 1)).fetchall()
+    items = ', '.join([f'{{"id": {row[0]}, "first_name": {_string(row[1])}, '
+                       f'"last_name": {_string(row[2])}, "email": {_string(row[3])}}}'
+                       for row in rows[:PAGE]])
+    headers, next_json = [*JSON_HEADERS], 'null'
+    if len(rows) > PAGE:
+        next_path = f'/person?cursor={rows[PAGE - 1][0]}'
+        next_json = f'"{next_path}"'
+        headers.append(('Link', f'<{next_path}>; rel="next"'))
+    body = f'{{"items": [{items}], "next": {next_json}, "limit": {PAGE}}}'.encode()
+    start_response('200 OK', [*headers, ('Content-Length', str(len(body)))])
+    return [body]
+
+
 def create_person(environ, start_response, *, queue_mail=False):
     body = json.loads(environ['wsgi.input'].read(int(environ.get('CONTENT_LENGTH') or 0)))
     first_name, last_name, email = body['first_name'], body['last_name'], body['email']
@@ -185,6 +210,8 @@ def _route(environ, start_response, queue_mail):
     method, path = environ['REQUEST_METHOD'], environ['PATH_INFO']
     if method == 'GET' and path.startswith('/person/') and path[8:].isdigit():
         return get_person(start_response, int(path[8:]))
+    if method == 'GET' and path == '/person':
+        return list_persons(environ, start_response)
     if method == 'POST' and path == '/person':
         return create_person(environ, start_response, queue_mail=queue_mail)
     return _respond(start_response, '404 Not Found', {'title': '404 Not Found'})

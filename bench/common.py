@@ -1,5 +1,6 @@
-"""What the bench's scripts share: where they work, the seeded SQLite database, and the
-gunicorn processes they start (a free loopback port, readiness, the workers of a master).
+"""What the bench's scripts share: where they work, the seeded SQLite database, the pages
+they ask for, and the gunicorn processes they start (a free loopback port, readiness, the
+workers of a master).
 
 bench/run.py (the load runs) and bench/instructions.py (the counts) both import it, and
 neither imports the other.
@@ -19,6 +20,7 @@ sys.path.insert(0, str(ROOT))  # the service's modules and this package, from an
 BENCH = ROOT / 'bench'
 WORK = BENCH / 'work'
 SEED_PERSONS = 10_000
+PAGE = 20  # persons per page of GET /person, the service's default
 
 
 def seed(path, persons):
@@ -44,6 +46,21 @@ def seed_rows(persons):
     """The seeded persons' (id, first_name, last_name, email, email_key)."""
     return ((i, f'First{i}', f'Last{i}', f'person{i}@example.org', f'person{i}@example.org')
             for i in range(1, persons + 1))
+
+
+def page_paths(after, signed, database):
+    """GET /person's paths for the pages after each id of `after` (None: the first page).
+    A signed cursor is the service's own, made with the key in `database` (SQLite); the
+    ceilings take the bare id."""
+    make = str
+    if signed:
+        import models
+        import personapi
+
+        models.connect(f'sqlite:///{database}')
+        with models.db.connection_context():
+            make = personapi.Cursors(models.service_key(models.CURSOR_KEY)).make
+    return ['/person' if last is None else f'/person?cursor={make(last)}' for last in after]
 
 
 def free_port():

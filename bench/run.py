@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import resource
 import runpy
@@ -53,14 +54,16 @@ from aiosmtpd.controller import Controller
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import idle  # noqa: E402  (the line above lets this file run as a script)
-from bench.common import (BENCH, ROOT, SEED_PERSONS, WORK, free_port, seed,  # noqa: E402
-                          seed_rows, wait_ready, workers_of)
+from bench.common import (BENCH, PAGE, ROOT, SEED_PERSONS, WORK, free_port,  # noqa: E402
+                          page_paths, seed, seed_rows, wait_ready, workers_of)
 
 RESULTS = BENCH / 'RESULTS.md'
 CHART = BENCH / 'results.png'
 BIN = Path(sys.executable).parent
 BEGIN, END = '<!-- bench:begin -->', '<!-- bench:end -->'
 WRK_THREADS = 2
+LIST_PERSONS = 100_000  # the table the list scenario pages through
+LIST_PAGES = 10_000  # pages a list run asks for at random, their cursors made beforehand
 RATE_LIMIT = '1000000/second'
 SERVERS = {'postgresql': os.environ.get('BENCH_POSTGRES_URL',
                                         'postgresql://postgres@127.0.0.1:5432/test'),
@@ -77,6 +80,7 @@ class App:
     conf: str  # gunicorn settings file
     wsgi: str = ''  # the application, when not the settings file's
     mails: bool = False  # whether it sends welcome mail
+    signs_cursors: bool = False  # its list's cursors: the service's own, or the bare id
     env: tuple = ()  # (name, value) pairs added to its environment
 
 
@@ -85,9 +89,9 @@ MAIL = App('mail', 'mail ceiling', STOCK_CONF, 'bench.ceiling:mail_app', mails=T
 SAME_BARE = App('same-bare', 'bare ceiling, same-config', SAME_CONF)
 SAME_MAIL = App('same-mail', 'mail ceiling, same-config', SAME_CONF, 'bench.ceiling:mail_app',
                 mails=True)
-SERVICE = App('service', 'personapi', 'gunicorn.conf.py', mails=True)
+SERVICE = App('service', 'personapi', 'gunicorn.conf.py', mails=True, signs_cursors=True)
 NO_METRICS = App('no-metrics', 'personapi, METRICS=off', 'gunicorn.conf.py', mails=True,
-                 env=(('METRICS', 'off'),))
+                 signs_cursors=True, env=(('METRICS', 'off'),))
 APPS = {app.key: app for app in (BARE, MAIL, SAME_BARE, SAME_MAIL, SERVICE, NO_METRICS)}
 
 
@@ -95,7 +99,7 @@ APPS = {app.key: app for app in (BARE, MAIL, SAME_BARE, SAME_MAIL, SERVICE, NO_M
 class Scenario:
     key: str
     title: str
-    mode: str  # 'get', 'post' (wrk's load) or 'idle' (bench/idle.py)
+    mode: str  # 'get', 'post', 'list' (wrk's load) or 'idle' (bench/idle.py)
     connections: int
     persons: int
     apps: tuple  # served in this order in each round
@@ -106,6 +110,7 @@ class Scenario:
     engine: str = 'sqlite'  # or 'postgresql', 'mysql'
     smtp_delay: float = 0.0
     await_mail: bool = False  # after the load, wait until every mail is delivered
+    pages: str = 'random'  # the list's pages: at 'random', the 'first' or the last ('end')
 
 
 GET, POST = 'GET /person/{id}', 'POST /person, mail delivered'
@@ -128,6 +133,13 @@ def scenarios(large):
                      (MAIL, SERVICE), MAIL, p99=True, smtp_delay=0.2),
             Scenario('get-1m', f'GET /person/{{id}}, {large:,} persons', 'get', 32, large,
                      (BARE, SERVICE), BARE),
+            Scenario('list', f'GET /person, pages of {PAGE} at random, {LIST_PERSONS:,} persons',
+                     'list', 32, LIST_PERSONS, (BARE, SAME_BARE, SERVICE), BARE, 0.80,
+                     same_config=SAME_BARE),
+            Scenario('list-1m-first', f'GET /person, first page, {large:,} persons', 'list', 32,
+                     large, (BARE, SERVICE), BARE, pages='first'),
+            Scenario('list-1m-end', f'GET /person, last page, {large:,} persons', 'list', 32,
+                     large, (BARE, SERVICE), BARE, pages='end'),
             Scenario('get-metrics', 'GET, metrics on against off', 'get', 32, SEED_PERSONS,
                      (NO_METRICS, SERVICE), NO_METRICS, 0.95),
             Scenario('post-metrics', 'POST, metrics on against off', 'post', 16, SEED_PERSONS,
@@ -309,9 +321,25 @@ def stop(process):
 
 # --- Load -----------------------------------------------------------------------------------
 
-def wrk(server, scenario, seconds, tag):
+def list_paths(app, scenario, databases):
+    """A file of the pages `scenario` has wrk ask `app` for, one path a line: full pages
+    after random ids (the same for every app), the first page, or the last full page."""
+    if scenario.pages == 'first':
+        after = [None]
+    elif scenario.pages == 'end':
+        after = [scenario.persons - PAGE]
+    else:
+        pick = random.Random(scenario.persons)
+        after = [pick.randrange(scenario.persons - PAGE + 1) for _ in range(LIST_PAGES)]
+    path = WORK / f'pages-{app.key}.txt'
+    path.write_text('\n'.join(page_paths(after, app.signs_cursors,
+                                         databases[scenario.persons])) + '\n')
+    return path
+
+
+def wrk(server, scenario, seconds, tag, paths=None):
     env = {**os.environ, 'BENCH_MODE': scenario.mode, 'BENCH_PERSONS': str(scenario.persons),
-           'BENCH_TAG': tag}
+           'BENCH_TAG': tag, 'BENCH_PATHS': str(paths or '')}
     command = ['wrk', f'-t{WRK_THREADS}', f'-c{scenario.connections}', f'-d{seconds}s',
                '--timeout', '10s', '-s', str(BENCH / 'wrk.lua'), f'http://127.0.0.1:{server.port}']
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=True,
@@ -348,14 +376,15 @@ def database_for(scenario, databases):
 
 def measure(app, scenario, databases, sink, args, label):
     """One run of `app` on `scenario`: warm-up, measured wrk run, memory, mail."""
+    paths = list_paths(app, scenario, databases) if scenario.mode == 'list' else None
     database = database_for(scenario, databases)
     sink.reset(scenario.smtp_delay)
     with serve(app, database, sink.port, args.gunicorn_args, label) as server:
-        wrk(server, scenario, args.warmup, f'{label}w')
+        wrk(server, scenario, args.warmup, f'{label}w', paths)
         workers = workers_of(server.process.pid)
         ours = [*workers, server.process.pid, os.getpid()]  # the sink runs in this process
         before = cpu_seconds(workers), cpu_seconds(ours), machine_busy_seconds(), wrk_seconds()
-        run = wrk(server, scenario, args.seconds, label)
+        run = wrk(server, scenario, args.seconds, label, paths)
         after = cpu_seconds(workers), cpu_seconds(ours), machine_busy_seconds(), wrk_seconds()
         served, ours_, busy, load = (end - start for start, end in zip(before, after))
         run['cpu_ms'] = 1000 * served / max(run['requests'], 1)
@@ -384,7 +413,8 @@ def measure_idle(app, scenario, databases, sink, args, label):
     return run
 
 
-MEASURES = {'get': measure, 'post': measure, 'idle': measure_idle}  # by Scenario.mode
+MEASURES = {'get': measure, 'post': measure, 'list': measure,  # by Scenario.mode
+            'idle': measure_idle}
 
 
 # --- Report ---------------------------------------------------------------------------------
@@ -425,22 +455,26 @@ def ratio_text(result, name):
 
 
 def instruction_counts(template):
-    """The cost of a GET counted in instructions (bench/instructions.py): the same at every
-    run, where req/s moves with the machine's load."""
+    """The cost of a GET and of a page, counted in instructions (bench/instructions.py): the
+    same at every run, where req/s moves with the machine's load."""
     if template is None:
         return []
-    title = '### Instructions per GET /person/{id} (callgrind)'
     if not shutil.which('valgrind'):
-        return [title, '', 'Not counted: valgrind is not installed.']
+        return ['### Instructions (callgrind)', '', 'Not counted: valgrind is not installed.']
     from bench import instructions
 
-    header = ['| app | instructions per GET | against the first |', '|---|---:|---:|']
-    return [title, '', 'A whole gunicorn worker (1 process, its threads, GETs on 4 kept-alive '
-            'connections), the service as shipped against the bare ceiling on gunicorn as it '
-            'ships:', '', *header,
-            *instructions.report(instructions.measure_workers(template, SEED_PERSONS)), '',
-            'In-process, the app alone (no gunicorn):', '', *header,
-            *instructions.report(instructions.measure(template, SEED_PERSONS))]
+    lines = []
+    for kind, title in instructions.REQUESTS.items():
+        header = [f'| app | instructions per {title} | against the first |', '|---|---:|---:|']
+        lines += [f'### Instructions per {title} (callgrind)', '',
+                  'A whole gunicorn worker (1 process, its threads, GETs on 4 kept-alive '
+                  'connections), the service as shipped against the bare ceiling on gunicorn as '
+                  'it ships:', '', *header, *instructions.report(
+                      instructions.measure_workers(template, SEED_PERSONS, kind=kind)), '',
+                  'In-process, the app alone (no gunicorn):', '', *header,
+                  *instructions.report(instructions.measure(template, SEED_PERSONS, kind=kind)),
+                  '']
+    return lines[:-1]
 
 
 def loads(results):
@@ -551,6 +585,12 @@ def targets(results):
     if 'post' in by_key and 'post-slow-smtp' in by_key:
         share = service('post-slow-smtp')['rps'] / service('post')['rps']
         check('POST with a 200 ms SMTP server ≥ 0.90 of POST', share >= 0.90, f'{share:.2f}')
+    if 'list-1m-first' in by_key and 'list-1m-end' in by_key:
+        first, end = service('list-1m-first'), service('list-1m-end')
+        check(f'the last page of {by_key["list-1m-end"].scenario.persons:,} persons ≤ 1.5× the '
+              'first page\'s time (p50)', end['p50'] <= 1.5 * first['p50'],
+              f'{end["p50"]:.1f} ms vs {first["p50"]:.1f} ms ({end["p50"] / first["p50"]:.2f}×; '
+              f'workers\' CPU per page {end["cpu"]:.2f} vs {first["cpu"]:.2f} ms)')
     if 'get' in by_key and 'get-1m' in by_key:
         small, large = service('get')['p99'], service('get-1m')['p99']
         check('GET p99 at the large database ≤ 1.5× the 10k one', large <= 1.5 * small,
@@ -713,15 +753,17 @@ def parse(argv):
     parser.add_argument('--warmup', type=int, default=2)
     parser.add_argument('--drain', type=int, default=120,
                         help='seconds to wait for the mails after a "mail delivered" run')
-    parser.add_argument('--large', type=int, default=1_000_000, help='persons in get-1m')
+    parser.add_argument('--large', type=int, default=1_000_000,
+                        help='persons in get-1m and the list-1m scenarios')
     parser.add_argument('--gunicorn-args', type=shlex.split, default=[],
                         help='flags for every app, after their settings files')
     parser.add_argument('--no-results', action='store_true',
                         help='leave RESULTS.md and results.png as they are (the chart goes '
                              'to bench/work/)')
     parser.add_argument('--quick', action='store_true',
-                        help='by default one round of 3 s, 100,000 persons in get-1m: a smoke '
-                             'test of the bench, whose figures mean little; implies --no-results')
+                        help='by default one round of 3 s, 100,000 persons in the 1m scenarios: '
+                             'a smoke test of the bench, whose figures mean little; implies '
+                             '--no-results')
     parser.add_argument('--profile', nargs='?', const=SERVICE.key, choices=APPS,
                         help='sample this app (default: the service) with py-spy instead of '
                              'measuring')

@@ -1,5 +1,6 @@
 -- wrk script for `make bench`: BENCH_MODE=get asks GET /person/{random id in 1..BENCH_PERSONS};
 -- BENCH_MODE=post registers people with e-mails unique per run (BENCH_TAG), thread and request.
+-- BENCH_MODE=list asks GET for one of the paths in the file BENCH_PATHS (one a line) at random.
 -- `done` prints the figures as one JSON line for bench/run.py.
 
 local mode = os.getenv("BENCH_MODE")
@@ -7,6 +8,7 @@ local persons = tonumber(os.getenv("BENCH_PERSONS") or "1")
 local tag = os.getenv("BENCH_TAG") or "0"
 local threads = {}
 local counter = 0
+local paths = {}
 
 function setup(thread)
    thread:set("thread_id", #threads + 1)
@@ -15,11 +17,19 @@ end
 
 function init(args)
    math.randomseed(os.time() * 100 + thread_id)
+   if mode == "list" then
+      for path in io.lines(os.getenv("BENCH_PATHS")) do
+         table.insert(paths, path)
+      end
+   end
 end
 
 function request()
    if mode == "get" then
       return wrk.format("GET", "/person/" .. math.random(persons))
+   end
+   if mode == "list" then
+      return wrk.format("GET", paths[math.random(#paths)])
    end
    counter = counter + 1
    local body = string.format(

@@ -216,7 +216,7 @@ def test_every_get_route_answers_head_with_its_headers_and_no_body(client):
     asset = re.search(r'src="([^"]+\.js)"', client.get('/docs').text).group(1)
     for path, status in [('/', 200), ('/healthz', 200), ('/readyz', 200), ('/openapi.json', 200),
                          ('/docs', 200), (asset, 200), (f'/person/{person}', 200),
-                         ('/person/999', 404)]:
+                         ('/person/999', 404), ('/person', 200)]:
         get, head = client.get(path, status=status), client.head(path, status=status)
         assert head.body == b''
         assert head.headers['Content-Length'] == str(len(get.body))
@@ -474,7 +474,7 @@ def test_taking_another_persons_email_is_409(client, method):
 
 
 @pytest.mark.parametrize('method, path, allowed', [
-    ('GET', '/person', {'POST'}), ('DELETE', '/person', {'POST'}),
+    ('DELETE', '/person', {'GET', 'HEAD', 'POST'}), ('PUT', '/person', {'GET', 'HEAD', 'POST'}),
     ('POST', '/person/1', {'GET', 'HEAD', 'PUT', 'PATCH', 'DELETE'}),
     ('POST', '/healthz', {'GET', 'HEAD'}), ('PUT', '/readyz', {'GET', 'HEAD'}),
     ('DELETE', '/openapi.json', {'GET', 'HEAD'}), ('POST', '/docs', {'GET', 'HEAD'}),

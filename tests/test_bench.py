@@ -96,18 +96,24 @@ def test_the_mail_ceiling_sends_one_valid_mail_per_person_and_deletes_its_row(ma
     assert run.scalar(database, 'SELECT count(*) FROM outbox') == 0
 
 
+SEEDED = 45  # persons: more than a page, so that pages make their next cursor too
+
+
 @pytest.fixture(scope='module')
 def seeded(tmp_path_factory):
     database = tmp_path_factory.mktemp('instructions') / 'persons.db'
-    common.seed(database, 20)
+    common.seed(database, SEEDED)
     return database
 
 
+@pytest.mark.parametrize('kind', instructions.REQUESTS)
 @pytest.mark.parametrize('app_spec', instructions.APPS.values())
 @one_engine
-def test_each_counted_app_answers_every_get_it_is_counted_on(engine, seeded, app_spec):
+def test_each_counted_app_answers_every_request_it_is_counted_on(engine, seeded, app_spec,
+                                                                 kind):
     answered = subprocess.run(
-        [sys.executable, 'bench/instructions.py', '--answer', app_spec, '50', '20'], cwd=ROOT,
+        [sys.executable, 'bench/instructions.py', '--answer', app_spec, kind, '50', str(SEEDED)],
+        cwd=ROOT,
         env={**os.environ, 'PYTHONPATH': str(ROOT), 'DATABASE_URL': f'sqlite:///{seeded}'},
         capture_output=True, text=True)
     assert answered.returncode == 0, answered.stderr[-2000:]
@@ -116,7 +122,7 @@ def test_each_counted_app_answers_every_get_it_is_counted_on(engine, seeded, app
 @one_engine
 @pytest.mark.skipif(not shutil.which('valgrind'), reason='valgrind is not installed')
 def test_instructions_are_counted_per_request_and_the_service_costs_more(engine, seeded):
-    counts = instructions.measure(seeded, 20, few=10, many=40)
+    counts = instructions.measure(seeded, SEEDED, few=10, many=40)
     assert 0 < counts['bare ceiling'] < counts['personapi']
     assert instructions.report(counts)[0].endswith('| 1.00× |')
 
@@ -134,7 +140,7 @@ SCENARIOS = {scenario.key: scenario for scenario in run.scenarios(1000)}
 
 @pytest.mark.parametrize('key, target', [('get', 0.85), ('post', 0.80), ('get-postgresql', 0.85),
                                          ('post-postgresql', 0.75), ('get-mysql', 0.85),
-                                         ('post-mysql', 0.75)])
+                                         ('post-mysql', 0.75), ('list', 0.80)])
 def test_each_engines_targets_are_checked_against_the_stock_ceiling(key, target):
     scenario = SCENARIOS[key]
     assert scenario.baseline in (run.BARE, run.MAIL) and scenario.same_config is not None
@@ -153,3 +159,16 @@ def test_the_idle_scenario_is_met_only_when_every_get_is_answered_within_a_secon
         (line,) = [line for line in run.targets([run.Result(scenario, {run.SERVICE.name: row},
                                                                 {})]) if 'idle' in line]
         assert line.startswith(f'- {verdict}: ')
+
+
+@pytest.mark.parametrize('last_p50, verdict', [(15.0, 'met'), (15.1, '**MISSED**')])
+def test_the_last_page_of_the_large_table_is_held_to_1_5_times_the_first(last_p50, verdict):
+    def page(key, p50):
+        rows = {run.BARE.name: {'rps': 1000.0},
+                run.SERVICE.name: {'rps': 900.0, 'p50': p50, 'cpu': 0.3, 'non2xx': 0, 'socket': 0,
+                                   'locked': 0, 'rss': 50}}
+        return run.Result(SCENARIOS[key], rows, {run.SERVICE.name: [0.9]})
+
+    lines = run.targets([page('list-1m-first', 10.0), page('list-1m-end', last_p50)])
+    (line,) = [line for line in lines if 'last page' in line]
+    assert line.startswith(f'- {verdict}: the last page of 1,000 persons ≤ 1.5× the first')

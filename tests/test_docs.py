@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import urllib.parse
 
 import pytest
 
@@ -18,7 +19,8 @@ README = ROOT / 'README.md'
 # The README first, then every page under docs/: each page's examples run on a fresh service.
 PAGES = [README, *sorted((ROOT / 'docs').glob('*.md'))]
 JSON = 'application/json'
-PERSON_OPERATIONS = ['createPerson', 'getPerson', 'replacePerson', 'patchPerson', 'deletePerson']
+PERSON_OPERATIONS = ['listPersons', 'createPerson', 'getPerson', 'replacePerson', 'patchPerson',
+                     'deletePerson']
 
 
 @one_engine
@@ -127,8 +129,9 @@ def test_swagger_ui_tries_out_post_person_with_the_example(live, browser_page):
 # --- The OpenAPI document's examples --------------------------------------------------------
 
 # A person's life, in the order its operations' examples are sent to a fresh service.
-LIFE = [('post', '/person'), ('get', '/person/{person_id}'), ('patch', '/person/{person_id}'),
-        ('put', '/person/{person_id}'), ('delete', '/person/{person_id}')]
+LIFE = [('post', '/person'), ('get', '/person'), ('get', '/person/{person_id}'),
+        ('patch', '/person/{person_id}'), ('put', '/person/{person_id}'),
+        ('delete', '/person/{person_id}')]
 
 
 def resolved(document, schema):
@@ -166,7 +169,12 @@ def test_every_example_in_the_document_is_a_real_request(live):
         (status, response), = [(code, response) for code, response in operation['responses'].items()
                                if code.startswith('2')]
         answer = response.get('content', {}).get(JSON, {}).get('example')
+        query = {parameter['name']: parameter['example']
+                 for parameter in operation.get('parameters', [])
+                 if parameter['in'] == 'query' and 'example' in parameter}
+        checked += query.values()
         path = template.replace('{person_id}', str(person_id))
+        path += f'?{urllib.parse.urlencode(query)}' if query else ''
         assert live.request(method.upper(), path, body)[::2] == (int(status), answer), method
         checked += [answer, resolved(document, response.get('content', {}).get(JSON, {}).get(
             'schema', {})).get('example')]
@@ -190,7 +198,8 @@ def test_every_example_in_the_document_is_a_real_request(live):
 
 # What differs from run to run, masked alike in the README and in the real output.
 VARYING = [(re.compile(r'\b[0-9a-f]{12}-\d+\b'), '<request id>'),
-           (re.compile(r'^(Date|Message-ID|X-Peer): .*$', re.MULTILINE), r'\1: <varies>')]
+           (re.compile(r'^(Date|Message-ID|X-Peer): .*$', re.MULTILINE), r'\1: <varies>'),
+           (re.compile(r'cursor=[A-Za-z0-9_-]{32}'), 'cursor=<made with the database\'s key>')]
 ELIDED = '…'  # a line that stands for headers left out of a `curl -i` output
 
 

@@ -191,6 +191,8 @@ def test_json_logs_are_one_object_per_line_with_the_fields_and_no_personal_data(
         service.request('PUT', f'/person/{person_id}', {**SECRET_PERSON, 'email': 'zq.2@x.org'})
         service.request('POST', '/person', {**SECRET_PERSON, 'email': 'zq.bad@'})  # 422
         service.request('GET', f'/person/{person_id}?email=zq.query@example.com')
+        assert service.request('GET', '/person?email=zq.2%40x.org')[2]['items']  # names, address
+        service.request('GET', '/person?email=zq.bad%40')  # 400
         urllib.request.urlopen(f'{service.url}/metrics', timeout=10).close()
         time.sleep(1.5)  # let the courier fail and log
     finally:
@@ -208,3 +210,7 @@ def test_json_logs_are_one_object_per_line_with_the_fields_and_no_personal_data(
     assert post['request_id'] and post['client'] == '127.0.0.1' and post['duration_ms'] >= 0
     get = next(line for line in access if line['path'] == f'/person/{person_id}')
     assert get['route'] == '/person/{person_id}'
+    # Sorted: each worker writes its own lines, so two requests' lines may come in either order.
+    assert sorted((line['route'], line['status']) for line in access
+                  if line['method'] == 'GET' and line['path'] == '/person') == [('/person', 200),
+                                                                                ('/person', 400)]

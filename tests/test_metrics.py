@@ -57,7 +57,7 @@ ROUTES = [  # method, path, the route it counts on, status
     ('PUT', '/person/1', '/person/{person_id}', 415),
     ('POST', '/person', '/person', 415),
     ('POST', '/person/', '/person', 415),
-    ('GET', '/person', '/person', 405),
+    ('DELETE', '/person', '/person', 405),
     ('GET', '/person/abc', 'unmatched', 404),
     ('GET', '/person/-1', 'unmatched', 404),
     ('GET', '/nowhere/ada@example.com', 'unmatched', 404),

@@ -56,6 +56,7 @@ def test_person_routes_refuse_a_missing_or_wrong_token(guarded, method, path, au
 def test_the_right_token_opens_every_person_route(guarded):
     auth = {'Authorization': f'Bearer {TOKEN}'}
     person_id = guarded.post_json('/person', ADA, headers=auth, status=201).json['id']
+    assert guarded.get('/person', headers=auth).json['items'][0]['id'] == person_id
     guarded.get(f'/person/{person_id}', headers=auth, status=200)
     guarded.put_json(f'/person/{person_id}', ADA, headers=auth, status=200)
     guarded.patch_json(f'/person/{person_id}', {}, headers=auth, status=200)
